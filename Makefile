@@ -1,0 +1,43 @@
+# slotwatch — see README.md. Targets: deps build test demo bench stress clean.
+
+GO      ?= $(shell command -v go 2>/dev/null || echo /usr/local/go/bin/go)
+SUDO    := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+BIN     := bin/slotwatch
+
+# What the build and the real-stack tests need on Debian 12.
+DEBS := pcscd libpcsclite-dev vsmartcard-vpcd vsmartcard-vpicc python3-virtualsmartcard \
+        opensc-pkcs11 opensc softhsm2 p11-kit dbus gcc pkg-config
+
+.PHONY: all deps build test demo bench clean
+
+all: build
+
+# deps installs only what is missing, so running it again is cheap.
+deps:
+	@missing=$$(for p in $(DEBS); do dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null | grep -q 'install ok installed' || echo $$p; done); \
+	if [ -n "$$missing" ]; then \
+		echo "installing: $$missing"; \
+		$(SUDO) apt-get update -qq && \
+		DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq --no-install-recommends $$missing; \
+	else echo "deps: all installed"; fi
+	@# Debian's pcscd unit may start the machine's own pcscd; the tests never use it.
+
+build:
+	$(GO) build -o $(BIN) ./service
+
+# The whole suite against the real stack (private pcscd, dbus-daemon,
+# SoftHSM2 per test), with the race detector.
+test: deps
+	$(GO) vet ./...
+	$(GO) test -race -count=1 -timeout 20m ./...
+
+# A private pcscd, a virtual card inserted, removed and swapped, and
+# "slotwatch watch" printing each event with its generation.
+demo: deps build
+	$(GO) run ./tests/demo -slotwatch $(BIN)
+
+bench: deps
+	$(GO) test -run '^$$' -bench . -benchtime 20x -count 1 ./tests/...
+
+clean:
+	rm -rf bin

@@ -1,0 +1,12 @@
+module github.com/slotwatch/slotwatch
+
+go 1.26
+
+require (
+	github.com/coreos/go-systemd/v22 v22.7.0
+	github.com/ebfe/scard v0.0.0-20241214075232-7af069cabc25
+	github.com/godbus/dbus/v5 v5.2.4
+	github.com/miekg/pkcs11 v1.1.2
+)
+
+require golang.org/x/sys v0.27.0 // indirect

@@ -1,0 +1,25 @@
+// Package monitor turns what PKCS#11 modules and PC/SC report into one
+// ordered, generation-tagged view of readers, slots and tokens.
+//
+// It owns the event sources (one blocking C_WaitForSlotEvent waiter per
+// module on its own OS thread, a polling timer for modules that cannot wait,
+// one SCardGetStatusChange watcher including the PnP pseudo reader) and the
+// single goroutine that owns the state. Sources only wake that goroutine; on
+// every wake-up it re-reads the slots, tokens and reader states and diffs
+// them against the current snapshot (events are wake-ups, not facts), so a
+// lost, duplicated or coalesced event can never leave the view wrong.
+//
+// What it publishes:
+//   - an immutable Snapshot, readable at any time without waiting on a module;
+//   - an ordered stream of Events per subscriber (removals before insertions);
+//   - generations: every token insertion gets a new number that is never
+//     reused, also when a card is removed and inserted again inside one event
+//     gap (seen through PC/SC's event counter);
+//   - generation leases: an operation holds its token's generation, and a
+//     removed token's sessions are reclaimed only when the last holder
+//     returned.
+//
+// Failures are states, not log lines: pcscd going away, or a module that
+// keeps failing, makes the monitor Degraded; it recovers by itself with a
+// capped backoff, forever. Close unblocks every wait and returns promptly.
+package monitor

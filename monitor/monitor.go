@@ -1,0 +1,499 @@
+package monitor
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"runtime"
+	"slices"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/slotwatch/slotwatch/module"
+)
+
+// Module is what the monitor needs of a loaded PKCS#11 module;
+// *module.Module implements it. The monitor holds one reference
+// (Initialize) while it watches the module and is expected to be the last
+// holder, so that its Finalize really finalizes and unblocks the waiter.
+type Module interface {
+	Name() string
+	Path() string
+	Initialize() error
+	Finalize() error
+	Info() (module.Info, error)
+	SlotList(tokenPresent bool) ([]uint, error)
+	SlotInfo(slot uint) (module.SlotInfo, error)
+	TokenInfo(slot uint) (module.TokenInfo, error)
+	// WaitForSlotEvent blocks (dontBlock false) until a slot event, or
+	// returns module.ErrFunctionNotSupported when the module cannot wait,
+	// module.ErrNotInitialized once finalized.
+	WaitForSlotEvent(dontBlock bool) (uint, error)
+	// ReclaimSlot forgets the sessions of dead generations up to gen without
+	// passing their handles to the module.
+	ReclaimSlot(slot uint, gen uint64) int
+}
+
+// Config is what New needs.
+type Config struct {
+	Modules []Module
+	// PCSC watches PC/SC readers (pcscd). Without it, slots are not matched
+	// to readers and a replug inside one event gap cannot be told apart.
+	PCSC bool
+	// PollInterval is how often modules that cannot wait are re-read.
+	// Default 2 s.
+	PollInterval time.Duration
+	// RetryMin and RetryMax bound the backoff for reconnecting to pcscd and
+	// re-initializing a failing module. Defaults 50 ms and 1 s for pcscd,
+	// RetryMin and 16·RetryMax... see withDefaults.
+	RetryMin, RetryMax time.Duration
+	// ModuleRetryMax caps the backoff between re-initializations of a
+	// failing module. Default 30 s.
+	ModuleRetryMax time.Duration
+	// FailuresBeforeReinit is how many failed reads in a row make a module
+	// "failing" (rule 6). Default 3.
+	FailuresBeforeReinit int
+	Logger               *slog.Logger
+}
+
+func (c Config) withDefaults() Config {
+	if c.PollInterval <= 0 {
+		c.PollInterval = 2 * time.Second
+	}
+	if c.RetryMin <= 0 {
+		c.RetryMin = 50 * time.Millisecond
+	}
+	if c.RetryMax <= 0 {
+		// pcscd is back within a second of a restart; a user should not
+		// wait longer than that for slotwatch to notice.
+		c.RetryMax = 800 * time.Millisecond
+	}
+	if c.ModuleRetryMax <= 0 {
+		c.ModuleRetryMax = 30 * time.Second
+	}
+	if c.FailuresBeforeReinit <= 0 {
+		c.FailuresBeforeReinit = 3
+	}
+	if c.Logger == nil {
+		c.Logger = slog.New(slog.DiscardHandler)
+	}
+	return c
+}
+
+// Monitor owns the view. Create it with New, read it with Snapshot and
+// Subscribe, stop it with Close.
+type Monitor struct {
+	cfg    Config
+	log    *slog.Logger
+	leases *leases
+
+	snap atomic.Pointer[Snapshot]
+
+	wakeCh chan struct{} // buffered 1: bursts of wake-ups merge into one refresh
+	inbox  inbox
+
+	// holdSem is taken by the loop around every refresh; Hold takes it to
+	// keep the loop from refreshing (tests, debugging).
+	holdSem chan struct{}
+
+	pubMu sync.Mutex // guards subs; held while publishing so Subscribe sees a consistent start
+	subs  map[*Subscription]struct{}
+
+	stop      chan struct{}
+	done      chan struct{}
+	closeOnce sync.Once
+}
+
+// inbox is what sources tell the loop between two refreshes.
+type inbox struct {
+	mu sync.Mutex // guards reports
+	reports
+}
+
+// reports are the facts of one inbox, taken by the loop at each refresh.
+type reports struct {
+	pcscDirty       bool
+	pcscConnected   bool
+	pcscErr         error
+	pcscRecovered   bool
+	modulesDirty    map[string]bool
+	waitUnsupported map[string]bool
+	waitFailed      map[string]error
+	drained         []uint64
+}
+
+// New starts a monitor: it initializes the modules, starts the sources and
+// the loop, and returns once the first snapshot is published.
+func New(cfg Config) (*Monitor, error) {
+	cfg = cfg.withDefaults()
+	names := map[string]bool{}
+	for _, mod := range cfg.Modules {
+		if names[mod.Name()] {
+			return nil, fmt.Errorf("monitor: two modules named %q", mod.Name())
+		}
+		names[mod.Name()] = true
+	}
+	m := &Monitor{
+		cfg:     cfg,
+		log:     cfg.Logger,
+		wakeCh:  make(chan struct{}, 1),
+		holdSem: make(chan struct{}, 1),
+		subs:    map[*Subscription]struct{}{},
+		stop:    make(chan struct{}),
+		done:    make(chan struct{}),
+	}
+	m.inbox.modulesDirty = map[string]bool{}
+	m.inbox.waitUnsupported = map[string]bool{}
+	m.inbox.waitFailed = map[string]error{}
+	m.leases = newLeases(func(gen uint64) {
+		m.inbox.mu.Lock()
+		m.inbox.drained = append(m.inbox.drained, gen)
+		m.inbox.mu.Unlock()
+		m.wake()
+	})
+	m.snap.Store(&Snapshot{State: StateUnknown, StateReason: "starting"})
+	l := newLoop(m)
+	l.refresh(true) // the first snapshot, before New returns
+	go l.run()
+	return m, nil
+}
+
+// Snapshot returns the current view. It never waits on a module or pcscd.
+func (m *Monitor) Snapshot() *Snapshot { return m.snap.Load() }
+
+// Subscribe returns the current snapshot and a subscription to every change
+// after it.
+func (m *Monitor) Subscribe() (*Snapshot, *Subscription) {
+	m.pubMu.Lock()
+	defer m.pubMu.Unlock()
+	s := newSubscription(m)
+	select {
+	case <-m.done:
+		s.end()
+	default:
+		m.subs[s] = struct{}{}
+	}
+	return m.snap.Load(), s
+}
+
+func (m *Monitor) unsubscribe(s *Subscription) {
+	m.pubMu.Lock()
+	delete(m.subs, s)
+	m.pubMu.Unlock()
+}
+
+func (m *Monitor) publish(s *Snapshot, evs []Event) {
+	m.pubMu.Lock()
+	defer m.pubMu.Unlock()
+	m.snap.Store(s)
+	if len(evs) == 0 {
+		return
+	}
+	for sub := range m.subs {
+		sub.push(evs)
+	}
+}
+
+// Acquire holds token generation gen for the duration of one operation:
+// until release is called, the token's sessions are not reclaimed even if
+// the token is removed. It fails with ErrTokenRemoved once gen is dead. It
+// waits (until ctx is done) while an older generation of the same slot is
+// still draining, so sessions of the new token never coexist with handles of
+// the old one.
+func (m *Monitor) Acquire(ctx context.Context, gen uint64) (release func(), err error) {
+	return m.leases.acquire(ctx, gen)
+}
+
+// Hold keeps the loop from starting another refresh until release is
+// called; a refresh in progress finishes first. Wake-ups that arrive
+// meanwhile are merged into one refresh after release. For tests and
+// debugging.
+func (m *Monitor) Hold() (release func()) {
+	select {
+	case m.holdSem <- struct{}{}:
+	case <-m.done:
+		return func() {}
+	}
+	var once sync.Once
+	return func() { once.Do(func() { <-m.holdSem }) }
+}
+
+// Close stops the sources and the loop, finalizes the modules, and ends
+// every subscription (after the events already queued). It is idempotent
+// and returns promptly even while waits are blocked.
+func (m *Monitor) Close() error {
+	m.closeOnce.Do(func() { close(m.stop) })
+	<-m.done
+	return nil
+}
+
+func (m *Monitor) wake() {
+	select {
+	case m.wakeCh <- struct{}{}:
+	default:
+	}
+}
+
+func (m *Monitor) markModuleDirty(name string) {
+	m.inbox.mu.Lock()
+	m.inbox.modulesDirty[name] = true
+	m.inbox.mu.Unlock()
+	m.wake()
+}
+
+// loop is the state the monitor goroutine owns. Nothing else touches it.
+type loop struct {
+	m   *Monitor
+	cfg Config
+	log *slog.Logger
+
+	modules []*moduleTrack // in name order
+	pcsc    *pcscWatcher
+	reader  pcscReader
+
+	pcscUp      bool               // the last PC/SC read worked
+	pcscErr     error              // why PC/SC is down
+	readers     map[string]*Reader // last successful read
+	attachments uint64             // counter for Reader.Attachment
+	slots       map[SlotKey]*Slot  // current slots (with tokens)
+	slotTrack   map[SlotKey]*tracked
+	lastGen     uint64
+	seq         uint64
+	reclaimGen  map[uint64]SlotKey // dead generations waiting for reclamation
+	pcscRetry   backoff
+	pcscRetryAt time.Time // non-zero: re-read PC/SC then (a read failed while the watcher was fine)
+	recovering  bool      // PC/SC came back: the next snapshot reports Recovering before Running
+}
+
+// tracked is what the loop remembers of a slot's token beyond the snapshot:
+// the reader attachment and event count it was last seen with.
+type tracked struct {
+	attachment uint64
+	eventCount uint16
+}
+
+type moduleTrack struct {
+	mod         Module
+	name        string
+	initialized bool
+	view        ModuleView // info read at initialization; zero until then
+	waitMode    WaitMode
+	waiterStop  chan struct{}
+	waiterDone  chan struct{}
+	failed      bool      // failing: its tokens are removed; finalize and initialize again
+	failures    int       // failed reads in a row
+	rereadAt    time.Time // after a transient read error: read again then
+	retry       backoff
+	retryAt     time.Time // when not initialized: next Initialize attempt
+	nextPoll    time.Time // polling mode: next re-read
+	lastErr     error
+}
+
+func newLoop(m *Monitor) *loop {
+	l := &loop{
+		m: m, cfg: m.cfg, log: m.log,
+		readers:    map[string]*Reader{},
+		slots:      map[SlotKey]*Slot{},
+		slotTrack:  map[SlotKey]*tracked{},
+		reclaimGen: map[uint64]SlotKey{},
+		pcscRetry:  backoff{Min: m.cfg.RetryMin, Max: m.cfg.RetryMax},
+	}
+	for _, mod := range m.cfg.Modules {
+		l.modules = append(l.modules, &moduleTrack{
+			mod: mod, name: mod.Name(),
+			retry: backoff{Min: m.cfg.RetryMin, Max: m.cfg.ModuleRetryMax},
+		})
+	}
+	slices.SortFunc(l.modules, func(a, b *moduleTrack) int { return strings.Compare(a.name, b.name) })
+	for _, mt := range l.modules {
+		l.initModule(mt)
+	}
+	if m.cfg.PCSC {
+		l.pcsc = startPCSCWatcher(backoff{Min: m.cfg.RetryMin, Max: m.cfg.RetryMax}, func(connected bool, err error) {
+			m.inbox.mu.Lock()
+			if connected && !m.inbox.pcscConnected && m.inbox.pcscErr != nil {
+				m.inbox.pcscRecovered = true
+			}
+			m.inbox.pcscConnected = connected
+			m.inbox.pcscErr = err
+			m.inbox.pcscDirty = true
+			m.inbox.mu.Unlock()
+			m.wake()
+		})
+	}
+	return l
+}
+
+func (l *loop) run() {
+	defer close(l.m.done)
+	defer l.shutdown()
+	timer := time.NewTimer(time.Hour)
+	defer timer.Stop()
+	for {
+		l.armTimer(timer)
+		select {
+		case <-l.m.stop:
+			return
+		case <-l.m.wakeCh:
+		case <-timer.C:
+		}
+		select {
+		case l.m.holdSem <- struct{}{}:
+		case <-l.m.stop:
+			return
+		}
+		l.refresh(false)
+		<-l.m.holdSem
+	}
+}
+
+// armTimer sets the timer to the earliest deadline: a poll, a module
+// re-initialization or a PC/SC re-read.
+func (l *loop) armTimer(t *time.Timer) {
+	var next time.Time
+	consider := func(at time.Time) {
+		if !at.IsZero() && (next.IsZero() || at.Before(next)) {
+			next = at
+		}
+	}
+	for _, mt := range l.modules {
+		if !mt.initialized {
+			consider(mt.retryAt)
+		} else if mt.waitMode == WaitPolling {
+			consider(mt.nextPoll)
+		}
+	}
+	consider(l.pcscRetryAt)
+	d := time.Hour
+	if !next.IsZero() {
+		d = max(time.Until(next), 0)
+	}
+	t.Reset(d)
+}
+
+func (l *loop) shutdown() {
+	if l.pcsc != nil {
+		l.pcsc.close()
+	}
+	l.reader.close()
+	for _, mt := range l.modules {
+		l.finalizeModule(mt)
+	}
+	l.m.pubMu.Lock()
+	for s := range l.m.subs {
+		s.end()
+	}
+	l.m.subs = map[*Subscription]struct{}{}
+	l.m.pubMu.Unlock()
+}
+
+// initModule initializes a module and starts its waiter.
+func (l *loop) initModule(mt *moduleTrack) {
+	if err := mt.mod.Initialize(); err != nil {
+		mt.lastErr = err
+		mt.retryAt = time.Now().Add(mt.retry.Next())
+		l.log.Warn("module initialization failed", "module", mt.name, "err", err, "retry_at", mt.retryAt)
+		return
+	}
+	mt.initialized = true
+	mt.failures = 0
+	mt.lastErr = nil
+	mt.retryAt = time.Time{}
+	mt.view = ModuleView{}
+	mt.failed = false
+	if mt.waitMode != WaitPolling {
+		mt.waitMode = WaitBlocking
+		l.startWaiter(mt)
+	}
+}
+
+// finalizeModule stops the waiter (C_Finalize unblocks it, rule 7) and
+// finalizes the module.
+func (l *loop) finalizeModule(mt *moduleTrack) {
+	if !mt.initialized {
+		return
+	}
+	mt.initialized = false
+	if mt.waiterStop != nil {
+		close(mt.waiterStop)
+	}
+	if err := mt.mod.Finalize(); err != nil {
+		l.log.Warn("module finalize failed", "module", mt.name, "err", err)
+	}
+	if mt.waiterDone != nil {
+		select {
+		case <-mt.waiterDone:
+		case <-time.After(2 * time.Second):
+			// A module whose wait ignores C_Finalize: its thread stays
+			// blocked in the module. Nothing in Go can end it; report it.
+			l.log.Error("module's C_WaitForSlotEvent did not return after C_Finalize; its waiter thread is lost", "module", mt.name)
+		}
+	}
+	mt.waiterStop, mt.waiterDone = nil, nil
+}
+
+// startWaiter runs one blocking C_WaitForSlotEvent loop on its own locked
+// OS thread (PKCS#11 modules may keep per-thread state). It only wakes the
+// monitor.
+func (l *loop) startWaiter(mt *moduleTrack) {
+	stop := make(chan struct{})
+	done := make(chan struct{})
+	mt.waiterStop, mt.waiterDone = stop, done
+	m := l.m
+	mod, name := mt.mod, mt.name
+	b := backoff{Min: l.cfg.RetryMin, Max: l.cfg.RetryMax}
+	go func() {
+		runtime.LockOSThread()
+		defer runtime.UnlockOSThread()
+		defer close(done)
+		for {
+			_, err := mod.WaitForSlotEvent(false)
+			select {
+			case <-stop:
+				return
+			default:
+			}
+			switch {
+			case err == nil:
+				b.Reset()
+				m.markModuleDirty(name)
+				continue
+			case errors.Is(err, module.ErrFunctionNotSupported):
+				m.inbox.mu.Lock()
+				m.inbox.waitUnsupported[name] = true
+				m.inbox.mu.Unlock()
+				m.wake()
+				return
+			case errors.Is(err, module.ErrNotInitialized):
+				// Finalized by someone other than the monitor: the module
+				// has to be initialized again.
+				m.inbox.mu.Lock()
+				m.inbox.waitFailed[name] = err
+				m.inbox.mu.Unlock()
+				m.wake()
+				return
+			}
+			// Other errors (OpenSC answers CKR_GENERAL_ERROR while pcscd is
+			// gone): let the loop re-read, and do not spin.
+			m.markModuleDirty(name)
+			if !sleep(b.Next(), stop) {
+				return
+			}
+		}
+	}()
+}
+
+// takeInbox returns what the sources reported since the last refresh.
+func (l *loop) takeInbox() reports {
+	in := &l.m.inbox
+	in.mu.Lock()
+	defer in.mu.Unlock()
+	got := in.reports
+	in.pcscDirty, in.pcscRecovered = false, false
+	in.modulesDirty, in.waitUnsupported, in.waitFailed = map[string]bool{}, map[string]bool{}, map[string]error{}
+	in.drained = nil
+	return got
+}

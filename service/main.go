@@ -1,0 +1,47 @@
+// Command slotwatch is the slotwatch daemon and its command-line client.
+//
+// Subcommands:
+//
+//	slotwatch watch [--module PATH]... [--no-pcsc] [--json]
+//	    run the monitor in the foreground and print every change, one line
+//	    each, with its generation (a front end for trying the monitor out)
+//
+// The D-Bus daemon (`slotwatch serve`) and its clients come with the D-Bus
+// service; see ../shared/DESIGN.md in the planning repository.
+package main
+
+import (
+	"fmt"
+	"os"
+)
+
+const usage = `usage: slotwatch COMMAND [OPTIONS]
+
+commands:
+  watch   run the monitor in the foreground and print every change
+  help    show this text
+
+Run "slotwatch COMMAND -h" for a command's options.
+`
+
+func main() {
+	if len(os.Args) < 2 {
+		fmt.Fprint(os.Stderr, usage)
+		os.Exit(2)
+	}
+	var err error
+	switch os.Args[1] {
+	case "watch":
+		err = runWatch(os.Args[2:])
+	case "help", "-h", "--help":
+		fmt.Print(usage)
+		return
+	default:
+		fmt.Fprintf(os.Stderr, "slotwatch: unknown command %q\n\n%s", os.Args[1], usage)
+		os.Exit(2)
+	}
+	if err != nil {
+		fmt.Fprintf(os.Stderr, "slotwatch %s: %v\n", os.Args[1], err)
+		os.Exit(1)
+	}
+}

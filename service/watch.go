@@ -1,0 +1,133 @@
+package main
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"flag"
+	"fmt"
+	"io"
+	"log/slog"
+	"os"
+	"os/signal"
+	"path/filepath"
+	"strings"
+	"syscall"
+	"time"
+
+	"github.com/slotwatch/slotwatch/module"
+	"github.com/slotwatch/slotwatch/monitor"
+)
+
+// defaultModule is OpenSC's PKCS#11 module on Debian.
+const defaultModule = "/usr/lib/x86_64-linux-gnu/pkcs11/opensc-pkcs11.so"
+
+// stringList is a repeatable flag.
+type stringList []string
+
+func (s *stringList) String() string     { return strings.Join(*s, ",") }
+func (s *stringList) Set(v string) error { *s = append(*s, v); return nil }
+
+func runWatch(args []string) error {
+	fs := flag.NewFlagSet("watch", flag.ContinueOnError)
+	var modules stringList
+	fs.Var(&modules, "module", "PKCS#11 module to watch (repeatable; default "+defaultModule+")")
+	noPCSC := fs.Bool("no-pcsc", false, "do not watch PC/SC readers")
+	asJSON := fs.Bool("json", false, "print one JSON object per line")
+	verbose := fs.Bool("v", false, "log the monitor's decisions to stderr")
+	logCalls := fs.Bool("log-calls", false, "log every PKCS#11 call to stderr (secrets redacted)")
+	if err := fs.Parse(args); err != nil {
+		return err
+	}
+	if len(modules) == 0 {
+		modules = stringList{defaultModule}
+	}
+	level := slog.LevelWarn
+	if *verbose || *logCalls {
+		level = slog.LevelDebug
+	}
+	logger := slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: level}))
+
+	var mods []monitor.Module
+	for _, path := range modules {
+		opts := module.Options{Name: moduleName(path)}
+		if *logCalls {
+			opts.CallLog = logger
+		}
+		mods = append(mods, module.Open(path, opts))
+	}
+	mon, err := monitor.New(monitor.Config{Modules: mods, PCSC: !*noPCSC, Logger: logger})
+	if err != nil {
+		return err
+	}
+	defer mon.Close()
+
+	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
+	defer stop()
+	snap, sub := mon.Subscribe()
+	defer sub.Close()
+	printSnapshot(os.Stdout, snap, *asJSON)
+	for {
+		ev, err := sub.Next(ctx)
+		if errors.Is(err, context.Canceled) || errors.Is(err, monitor.ErrClosed) {
+			return nil
+		}
+		if err != nil {
+			return err
+		}
+		printEvent(os.Stdout, ev, *asJSON)
+	}
+}
+
+// moduleName derives a short name from a module path:
+// ".../opensc-pkcs11.so" → "opensc-pkcs11".
+func moduleName(path string) string {
+	base := filepath.Base(path)
+	if i := strings.Index(base, ".so"); i > 0 {
+		base = base[:i]
+	}
+	return strings.TrimPrefix(base, "lib")
+}
+
+func printSnapshot(w io.Writer, s *monitor.Snapshot, asJSON bool) {
+	if asJSON {
+		json.NewEncoder(w).Encode(map[string]any{"event": "snapshot", "snapshot": s})
+		return
+	}
+	fmt.Fprintf(w, "%s state=%s %s\n", stamp(), s.State, s.StateReason)
+	for _, m := range s.Modules {
+		fmt.Fprintf(w, "%s module %s %q wait=%s state=%s\n", stamp(), m.Name, m.Description, m.WaitMode, m.State)
+	}
+	for _, r := range s.Readers {
+		fmt.Fprintf(w, "%s reader %q state=%s events=%d\n", stamp(), r.Name, r.State, r.EventCount)
+	}
+	for _, sl := range s.Slots {
+		if t := sl.Token; t != nil {
+			fmt.Fprintf(w, "%s token generation=%d slot=%s label=%q serial=%q\n", stamp(), t.Generation, t.Slot, t.Label, t.Serial)
+		}
+	}
+}
+
+func printEvent(w io.Writer, ev monitor.Event, asJSON bool) {
+	if asJSON {
+		out := map[string]any{"event": ev.Kind.String(), "seq": ev.Snapshot.Seq}
+		switch {
+		case ev.Token != nil:
+			out["token"] = ev.Token
+		case ev.Slot != nil:
+			out["slot"] = ev.Slot
+		case ev.Reader != nil:
+			out["reader"] = ev.Reader
+		case ev.Module != nil:
+			out["module"] = ev.Module
+		default:
+			out["state"] = ev.Snapshot.State.String()
+			out["reason"] = ev.Snapshot.StateReason
+		}
+		json.NewEncoder(w).Encode(out)
+		return
+	}
+	fmt.Fprintf(w, "%s %s\n", stamp(), ev)
+}
+
+func stamp() string { return time.Now().Format("15:04:05.000") }
