@@ -32,6 +32,9 @@ type Module interface {
 	// returns module.ErrFunctionNotSupported when the module cannot wait,
 	// module.ErrNotInitialized once finalized.
 	WaitForSlotEvent(dontBlock bool) (uint, error)
+	// RetireGeneration marks the sessions of generations up to gen dead at
+	// once: calls on them fail before reaching the module.
+	RetireGeneration(slot uint, gen uint64)
 	// ReclaimSlot forgets the sessions of dead generations up to gen without
 	// passing their handles to the module.
 	ReclaimSlot(slot uint, gen uint64) int

@@ -416,6 +416,9 @@ func findModule(s *Snapshot, name string) (*ModuleView, bool) {
 // returns (rule 4).
 func (l *loop) killGeneration(t *Token) {
 	l.reclaimGen[t.Generation] = t.Slot
+	if mt := l.moduleTrack(t.Slot.Module); mt != nil {
+		mt.mod.RetireGeneration(t.Slot.ID, t.Generation)
+	}
 	if l.m.leases.kill(t.Generation) {
 		l.reclaim(t.Generation)
 	}
@@ -429,14 +432,21 @@ func (l *loop) reclaim(gen uint64) {
 		return
 	}
 	delete(l.reclaimGen, gen)
-	for _, mt := range l.modules {
-		if mt.name == key.Module {
-			if n := mt.mod.ReclaimSlot(key.ID, gen); n > 0 {
-				l.log.Debug("reclaimed sessions of a removed token", "slot", key, "generation", gen, "sessions", n)
-			}
+	if mt := l.moduleTrack(key.Module); mt != nil {
+		if n := mt.mod.ReclaimSlot(key.ID, gen); n > 0 {
+			l.log.Debug("reclaimed sessions of a removed token", "slot", key, "generation", gen, "sessions", n)
 		}
 	}
 	l.m.leases.reclaimed(gen)
+}
+
+func (l *loop) moduleTrack(name string) *moduleTrack {
+	for _, mt := range l.modules {
+		if mt.name == name {
+			return mt
+		}
+	}
+	return nil
 }
 
 // buildSnapshot assembles an immutable snapshot from the loop's state.

@@ -1,0 +1,145 @@
+package module
+
+import (
+	"log/slog"
+	"time"
+
+	"github.com/miekg/pkcs11"
+)
+
+// Operations on a registered session. Each holds the session's lock for its
+// C calls (see withSession); an id that is not in the registry gives
+// ErrNoSuchSession, a session of a retired generation ErrStaleGeneration,
+// both without a C call. The minimum the D-Bus Session object needs; more later.
+
+// Login is C_Login with userType CKU_SO, CKU_USER or CKU_CONTEXT_SPECIFIC.
+// The module reads pin in place: it is not copied, not logged (only its
+// length), and not wiped — it belongs to the caller, who wipes it. An empty
+// pin passes NULL, for readers with a PIN pad.
+func (m *Module) Login(id uint64, userType uint, pin []byte) error {
+	const fn = "C_Login"
+	return m.withSession(fn, id, func(s *session) error {
+		start := time.Now()
+		rv := m.lib.login(s.Handle, userType, pin)
+		return m.result(fn, start, rvError(fn, rv),
+			sessionAttrs(s), slog.String("user_type", userTypeName(userType)), redactedAttr("pin", pin))
+	})
+}
+
+// Logout is C_Logout.
+func (m *Module) Logout(id uint64) error {
+	const fn = "C_Logout"
+	return m.withSession(fn, id, func(s *session) error {
+		start := time.Now()
+		return m.result(fn, start, m.ctx.Logout(s.Handle), sessionAttrs(s))
+	})
+}
+
+// SessionInfo is C_GetSessionInfo.
+func (m *Module) SessionInfo(id uint64) (pkcs11.SessionInfo, error) {
+	const fn = "C_GetSessionInfo"
+	var info pkcs11.SessionInfo
+	err := m.withSession(fn, id, func(s *session) error {
+		start := time.Now()
+		var err error
+		info, err = m.ctx.GetSessionInfo(s.Handle)
+		return m.result(fn, start, err, sessionAttrs(s), slog.String("state", StateName(info.State)))
+	})
+	return info, err
+}
+
+// SessionState is the session's CKS_* state (from C_GetSessionInfo).
+func (m *Module) SessionState(id uint64) (uint, error) {
+	info, err := m.SessionInfo(id)
+	return info.State, err
+}
+
+// findBatch is how many handles one C_FindObjects call asks for.
+const findBatch = 64
+
+// FindObjects runs one search (C_FindObjectsInit, C_FindObjects until done
+// or max handles, C_FindObjectsFinal) and returns the handles found. max <= 0
+// means no limit. The search is always finalized, so the session is left
+// free for the next operation even when a step fails.
+func (m *Module) FindObjects(id uint64, template []*pkcs11.Attribute, max int) ([]pkcs11.ObjectHandle, error) {
+	var found []pkcs11.ObjectHandle
+	err := m.withSession("C_FindObjectsInit", id, func(s *session) error {
+		start := time.Now()
+		err := m.result("C_FindObjectsInit", start, m.ctx.FindObjectsInit(s.Handle, template),
+			sessionAttrs(s), slog.Any("template", attrList(template)))
+		if err != nil {
+			return err
+		}
+		for max <= 0 || len(found) < max {
+			n := findBatch
+			if max > 0 && max-len(found) < n {
+				n = max - len(found)
+			}
+			start = time.Now()
+			batch, _, ferr := m.ctx.FindObjects(s.Handle, n)
+			if err = m.result("C_FindObjects", start, ferr, sessionAttrs(s), slog.Int("max", n), slog.Int("found", len(batch))); err != nil {
+				break
+			}
+			found = append(found, batch...)
+			if len(batch) < n {
+				break
+			}
+		}
+		start = time.Now()
+		ferr := m.result("C_FindObjectsFinal", start, m.ctx.FindObjectsFinal(s.Handle), sessionAttrs(s))
+		if err == nil {
+			err = ferr
+		}
+		return err
+	})
+	if err != nil {
+		return nil, err
+	}
+	return found, nil
+}
+
+// GetAttributes is C_GetAttributeValue for the types in attrs (their values
+// are ignored). The log shows the types and only non-secret values.
+func (m *Module) GetAttributes(id uint64, obj pkcs11.ObjectHandle, attrs []*pkcs11.Attribute) ([]*pkcs11.Attribute, error) {
+	const fn = "C_GetAttributeValue"
+	if len(attrs) == 0 {
+		return nil, nil // miekg indexes attrs[0]; PKCS#11 has nothing to do either
+	}
+	var out []*pkcs11.Attribute
+	err := m.withSession(fn, id, func(s *session) error {
+		start := time.Now()
+		var err error
+		out, err = m.ctx.GetAttributeValue(s.Handle, obj, attrs)
+		logged := out
+		if logged == nil {
+			logged = attrs
+		}
+		return m.result(fn, start, err, sessionAttrs(s), slog.Uint64("object", uint64(obj)),
+			slog.Any("attributes", attrList(logged)))
+	})
+	return out, err
+}
+
+// Sign is C_SignInit + C_Sign (single part). The data is logged by length
+// only; so is the signature.
+func (m *Module) Sign(id uint64, mech *pkcs11.Mechanism, key pkcs11.ObjectHandle, data []byte) ([]byte, error) {
+	if mech == nil {
+		return nil, &Error{Func: "C_SignInit", Code: pkcs11.CKR_ARGUMENTS_BAD}
+	}
+	var sig []byte
+	err := m.withSession("C_SignInit", id, func(s *session) error {
+		start := time.Now()
+		err := m.result("C_SignInit", start, m.ctx.SignInit(s.Handle, []*pkcs11.Mechanism{mech}, key),
+			sessionAttrs(s), mechAttr(mech), slog.Uint64("key", uint64(key)))
+		if err != nil {
+			return err
+		}
+		start = time.Now()
+		sig, err = m.ctx.Sign(s.Handle, data)
+		return m.result("C_Sign", start, err, sessionAttrs(s), slog.Int("data_len", len(data)), slog.Int("signature_len", len(sig)))
+	})
+	if err != nil {
+		return nil, err
+	}
+	return sig, nil
+}

@@ -1,0 +1,332 @@
+package module
+
+import (
+	"cmp"
+	"fmt"
+	"log/slog"
+	"slices"
+	"sync"
+	"time"
+
+	"github.com/miekg/pkcs11"
+)
+
+// Session is the registry's record of one PKCS#11 session slotwatch opened
+// for a caller. Values returned by Sessions and friends are copies.
+type Session struct {
+	ID         uint64               // registry id; never reused within a process
+	Handle     pkcs11.SessionHandle // the module's handle; module values can be reused, ID cannot
+	Owner      string               // caller id (a D-Bus unique name)
+	Slot       uint
+	Generation uint64 // token generation the caller opened it on
+	ReadWrite  bool
+	Opened     time.Time
+}
+
+// session is a registry entry. The embedded Session never changes after
+// OpenSession; closed and the right to use Handle are guarded by mu.
+type session struct {
+	Session
+	mu     sync.Mutex // lock order 4: held across every C call on Handle
+	closed bool       // Handle was closed or forgotten; must not reach the module again
+}
+
+// slotLock returns the lock for slot (lock order 3).
+func (m *Module) slotLock(slot uint) *sync.Mutex {
+	m.regMu.Lock()
+	defer m.regMu.Unlock()
+	l, ok := m.slotLocks[slot]
+	if !ok {
+		l = new(sync.Mutex)
+		m.slotLocks[slot] = l
+	}
+	return l
+}
+
+// OpenSession opens a session on slot for owner, tagged with the token
+// generation the caller believes is in the slot. Sessions are always serial
+// (CKF_SERIAL_SESSION), read-write on request.
+//
+// A generation already retired on this slot (RetireGeneration, ReclaimSlot)
+// is refused with ErrStaleGeneration: the token now in the slot is a
+// different one.
+func (m *Module) OpenSession(owner string, slot uint, generation uint64, readWrite bool) (*Session, error) {
+	const fn = "C_OpenSession"
+	m.life.RLock()
+	defer m.life.RUnlock()
+	if m.ctx == nil {
+		return nil, notInitialized(fn)
+	}
+	sl := m.slotLock(slot)
+	sl.Lock()
+	defer sl.Unlock()
+
+	if m.isRetired(slot, generation) {
+		return nil, fmt.Errorf("%s: slot %d generation %d: %w", fn, slot, generation, ErrStaleGeneration)
+	}
+
+	flags := uint(pkcs11.CKF_SERIAL_SESSION)
+	if readWrite {
+		flags |= pkcs11.CKF_RW_SESSION
+	}
+	start := time.Now()
+	h, err := m.ctx.OpenSession(slot, flags)
+	err = m.result(fn, start, err, slog.Uint64("slot", uint64(slot)), slog.Bool("read_write", readWrite),
+		slog.String("owner", owner), slog.Uint64("generation", generation), slog.Uint64("handle", uint64(h)))
+	if err != nil {
+		return nil, err
+	}
+
+	m.regMu.Lock()
+	defer m.regMu.Unlock()
+	m.nextID++
+	s := &session{Session: Session{
+		ID:         m.nextID,
+		Handle:     h,
+		Owner:      owner,
+		Slot:       slot,
+		Generation: generation,
+		ReadWrite:  readWrite,
+		Opened:     time.Now(),
+	}}
+	m.sessions[s.ID] = s
+	out := s.Session
+	return &out, nil
+}
+
+// CloseSession closes one session (C_CloseSession) and forgets it. It waits
+// for a call still running on the session. The record is forgotten even if
+// the module reports an error (a removed token's sessions are already gone
+// on its side). A session of a retired generation is only forgotten: its
+// handle never reaches the module again.
+func (m *Module) CloseSession(id uint64) error {
+	m.life.RLock()
+	defer m.life.RUnlock()
+	if m.ctx == nil {
+		return notInitialized("C_CloseSession")
+	}
+	m.regMu.Lock()
+	s, ok := m.sessions[id]
+	delete(m.sessions, id)
+	m.regMu.Unlock()
+	if !ok {
+		return fmt.Errorf("session %d: %w", id, ErrNoSuchSession)
+	}
+	return m.closeOne(s)
+}
+
+// closeOne closes a session already removed from the registry. Called with
+// life held for reading.
+func (m *Module) closeOne(s *session) error {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.closed {
+		return nil // reclaimed or closed meanwhile: its handle must not be used
+	}
+	s.closed = true
+	if m.isRetired(s.Slot, s.Generation) {
+		// Dead generation: the module may already have given this handle
+		// value to a newer session. Forget it; ReclaimSlot's
+		// C_CloseAllSessions frees it on the module's side.
+		return nil
+	}
+	start := time.Now()
+	return m.result("C_CloseSession", start, m.ctx.CloseSession(s.Handle), sessionAttrs(s))
+}
+
+// CloseAllSessions closes owner's sessions on slot, one C_CloseSession each,
+// and leaves everybody else's alone. It never calls C_CloseAllSessions, which
+// would close every caller's sessions on the slot. (Sessions of a retired
+// generation are only forgotten, as in CloseSession.) It returns how many
+// sessions it closed and the first error the module reported (all of them
+// are forgotten regardless).
+func (m *Module) CloseAllSessions(owner string, slot uint) (closed int, err error) {
+	return m.closeWhere("CloseAllSessions", func(s *session) bool { return s.Owner == owner && s.Slot == slot })
+}
+
+// CloseOwnerSessions closes every session owner holds, on every slot: what
+// to do when the owner's bus connection goes away.
+func (m *Module) CloseOwnerSessions(owner string) (closed int, err error) {
+	return m.closeWhere("CloseOwnerSessions", func(s *session) bool { return s.Owner == owner })
+}
+
+func (m *Module) closeWhere(what string, match func(*session) bool) (int, error) {
+	m.life.RLock()
+	defer m.life.RUnlock()
+	if m.ctx == nil {
+		return 0, notInitialized(what)
+	}
+	var victims []*session
+	m.regMu.Lock()
+	for id, s := range m.sessions {
+		if match(s) {
+			victims = append(victims, s)
+			delete(m.sessions, id)
+		}
+	}
+	m.regMu.Unlock()
+	slices.SortFunc(victims, func(a, b *session) int { return cmp.Compare(a.ID, b.ID) })
+	var first error
+	for _, s := range victims {
+		if err := m.closeOne(s); err != nil && first == nil {
+			first = err
+		}
+	}
+	return len(victims), first
+}
+
+// RetireGeneration marks every generation <= gen on slot dead, at once and
+// without a C call: what the monitor does the moment it sees the token
+// removed (DESIGN rule 4). From then on, operations on those sessions fail
+// with ErrStaleGeneration before reaching the module; closing one only
+// forgets its record (no C_CloseSession with a handle the module may have
+// reused); OpenSession refuses those generations. Calls already running
+// finish. The records of sessions nobody closed stay listed (so "who held
+// what" still has an answer) until ReclaimSlot.
+func (m *Module) RetireGeneration(slot uint, gen uint64) {
+	m.regMu.Lock()
+	defer m.regMu.Unlock()
+	m.retireLocked(slot, gen)
+}
+
+func (m *Module) retireLocked(slot uint, gen uint64) {
+	if cur, ok := m.retired[slot]; !ok || gen > cur {
+		m.retired[slot] = gen
+	}
+}
+
+// isRetired reports whether generation gen on slot is dead.
+func (m *Module) isRetired(slot uint, gen uint64) bool {
+	m.regMu.Lock()
+	defer m.regMu.Unlock()
+	floor, ok := m.retired[slot]
+	return ok && gen <= floor
+}
+
+// ReclaimSlot forgets every session record on slot whose generation is at
+// most gen, then calls C_CloseAllSessions(slot) so the module frees whatever
+// it still holds for them. It never passes one of those handles to the
+// module: after a token removal the module may reuse handle values for the
+// next token's sessions, so a stale handle could land on somebody else's
+// session. It returns the number of records forgotten.
+//
+// The monitor calls it once the dead generation has drained (DESIGN rule 4).
+// It waits for calls still running on the forgotten sessions (normally none,
+// by that rule). It retires generations <= gen (RetireGeneration) if that
+// was not done already.
+//
+// If sessions of a later generation are already open on the slot,
+// C_CloseAllSessions is skipped: it would close them too. The dead records
+// are forgotten anyway. A failing C_CloseAllSessions is only logged: the
+// records are gone either way, and a removed token's sessions usually are too.
+func (m *Module) ReclaimSlot(slot uint, gen uint64) int {
+	m.life.RLock()
+	defer m.life.RUnlock()
+	sl := m.slotLock(slot)
+	sl.Lock()
+	defer sl.Unlock()
+
+	var dead []*session
+	later := false
+	m.regMu.Lock()
+	for id, s := range m.sessions {
+		if s.Slot != slot {
+			continue
+		}
+		if s.Generation <= gen {
+			dead = append(dead, s)
+			delete(m.sessions, id)
+		} else {
+			later = true
+		}
+	}
+	m.retireLocked(slot, gen)
+	m.regMu.Unlock()
+
+	// Wait out calls in flight on the dead handles, and make sure none
+	// starts after this: a caller that looked the record up before we
+	// removed it sees closed once it gets the lock.
+	for _, s := range dead {
+		s.mu.Lock()
+		s.closed = true
+		s.mu.Unlock()
+	}
+
+	if m.ctx != nil && !later {
+		start := time.Now()
+		_ = m.result("C_CloseAllSessions", start, m.ctx.CloseAllSessions(slot),
+			slog.Uint64("slot", uint64(slot)), slog.Uint64("generation", gen), slog.Int("forgotten", len(dead)))
+	}
+	return len(dead)
+}
+
+// dropAllSessions forgets every record; the last Finalize calls it with life
+// held for writing, so no call is running on any handle.
+func (m *Module) dropAllSessions() {
+	m.regMu.Lock()
+	defer m.regMu.Unlock()
+	for id, s := range m.sessions {
+		s.closed = true
+		delete(m.sessions, id)
+	}
+}
+
+// Sessions returns a copy of every session record, by id: who holds what.
+func (m *Module) Sessions() []Session {
+	return m.sessionsWhere(func(*session) bool { return true })
+}
+
+// SessionsOnSlot returns a copy of the records of sessions on slot, by id.
+func (m *Module) SessionsOnSlot(slot uint) []Session {
+	return m.sessionsWhere(func(s *session) bool { return s.Slot == slot })
+}
+
+func (m *Module) sessionsWhere(match func(*session) bool) []Session {
+	m.regMu.Lock()
+	defer m.regMu.Unlock()
+	var out []Session
+	for _, s := range m.sessions {
+		if match(s) {
+			out = append(out, s.Session)
+		}
+	}
+	slices.SortFunc(out, func(a, b Session) int { return cmp.Compare(a.ID, b.ID) })
+	return out
+}
+
+// Session returns a copy of the record of session id.
+func (m *Module) Session(id uint64) (Session, bool) {
+	m.regMu.Lock()
+	defer m.regMu.Unlock()
+	s, ok := m.sessions[id]
+	if !ok {
+		return Session{}, false
+	}
+	return s.Session, true
+}
+
+// withSession runs f with session id's handle, holding the module (life, for
+// reading) and the session's lock, so the handle is live and used by one
+// call at a time. fn names the PKCS#11 function for errors.
+func (m *Module) withSession(fn string, id uint64, f func(s *session) error) error {
+	m.life.RLock()
+	defer m.life.RUnlock()
+	if m.ctx == nil {
+		return notInitialized(fn)
+	}
+	m.regMu.Lock()
+	s, ok := m.sessions[id]
+	m.regMu.Unlock()
+	if !ok {
+		return fmt.Errorf("%s: session %d: %w", fn, id, ErrNoSuchSession)
+	}
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.closed {
+		return fmt.Errorf("%s: session %d: %w", fn, id, ErrNoSuchSession)
+	}
+	if m.isRetired(s.Slot, s.Generation) {
+		return fmt.Errorf("%s: session %d (slot %d, generation %d): %w", fn, id, s.Slot, s.Generation, ErrStaleGeneration)
+	}
+	return f(s)
+}

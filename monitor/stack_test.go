@@ -1,0 +1,484 @@
+package monitor_test
+
+// Tests against the real stack: a private pcscd with the vpcd driver, the
+// project's virtual card, and OpenSC's PKCS#11 module. libpcsclite reads
+// PCSCLITE_CSOCK_NAME once per process, so TestMain fixes one socket path and
+// every pcscd started here listens on it, one at a time.
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"os"
+	"path/filepath"
+	"runtime"
+	"testing"
+	"time"
+
+	"github.com/slotwatch/slotwatch/module"
+	"github.com/slotwatch/slotwatch/monitor"
+	"github.com/slotwatch/slotwatch/tests/stack"
+	"github.com/slotwatch/slotwatch/tests/vcard"
+)
+
+var pcscSocket string
+
+func TestMain(m *testing.M) {
+	dir, err := os.MkdirTemp("", "slotwatch-monitor-test-")
+	if err != nil {
+		fmt.Fprintln(os.Stderr, err)
+		os.Exit(1)
+	}
+	pcscSocket = filepath.Join(dir, "pcscd.comm")
+	os.Setenv("PCSCLITE_CSOCK_NAME", pcscSocket)
+	conf, err := stack.WriteOpenSCConf(dir)
+	if err != nil {
+		fmt.Fprintln(os.Stderr, err)
+		os.Exit(1)
+	}
+	os.Setenv("OPENSC_CONF", conf)
+	code := m.Run()
+	os.RemoveAll(dir)
+	os.Exit(code)
+}
+
+// world is one test's stack: pcscd, a card per reader, the OpenSC module
+// and a monitor with a subscription.
+type world struct {
+	t     *testing.T
+	pcscd *stack.PCSCD
+	cards []*vcard.Card
+	mod   *module.Module
+	mon   *monitor.Monitor
+	sub   *monitor.Subscription
+	snap  *monitor.Snapshot
+}
+
+func newWorld(t *testing.T) *world {
+	t.Helper()
+	w := &world{t: t}
+	w.pcscd = stack.StartPCSCDForTest(t, stack.PCSCDConfig{Socket: pcscSocket, Dir: t.TempDir()})
+	for i := range w.pcscd.Readers() {
+		c := vcard.New(w.pcscd.Addr(i), vcard.Profile{Label: fmt.Sprintf("Card %d", i), Serial: fmt.Sprintf("%04d", i)})
+		t.Cleanup(func() { c.Close() })
+		w.cards = append(w.cards, c)
+	}
+	w.mod = module.Open(stack.OpenSCModule, module.Options{Name: "opensc"})
+	return w
+}
+
+func (w *world) start(cfg monitor.Config) {
+	w.t.Helper()
+	cfg.Modules = []monitor.Module{w.mod}
+	cfg.PCSC = true
+	mon, err := monitor.New(cfg)
+	if err != nil {
+		w.t.Fatal(err)
+	}
+	w.mon = mon
+	w.t.Cleanup(func() { mon.Close() })
+	w.snap, w.sub = mon.Subscribe()
+	w.t.Cleanup(w.sub.Close)
+}
+
+// next returns the next event of one of the kinds, skipping others.
+func (w *world) next(timeout time.Duration, kinds ...monitor.EventKind) monitor.Event {
+	w.t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), timeout)
+	defer cancel()
+	for {
+		ev, err := w.sub.Next(ctx)
+		if err != nil {
+			w.t.Fatalf("waiting for %v: %v\npcscd log:\n%s", kinds, err, w.pcscd.Log())
+		}
+		for _, k := range kinds {
+			if ev.Kind == k {
+				return ev
+			}
+		}
+	}
+}
+
+var tokenEvents = []monitor.EventKind{monitor.TokenInserted, monitor.TokenRemoved, monitor.TokenChanged}
+
+func (w *world) expectToken(kind monitor.EventKind, timeout time.Duration) *monitor.Token {
+	w.t.Helper()
+	ev := w.next(timeout, tokenEvents...)
+	if ev.Kind != kind {
+		w.t.Fatalf("got %v, want %v", ev, kind)
+	}
+	return ev.Token
+}
+
+// OpenSC needs a few hundred milliseconds (pcscd polls vpcd every 400 ms)
+// plus token recognition; 5 s leaves room for a loaded CI machine.
+const eventTimeout = 5 * time.Second
+
+func TestInsertRemoveReinsert(t *testing.T) {
+	w := newWorld(t)
+	w.start(monitor.Config{})
+	if toks := w.snap.Tokens(); len(toks) != 0 {
+		t.Fatalf("tokens before any card: %v", toks)
+	}
+	card := w.cards[0]
+	card.SetProfile(vcard.Profile{Label: "Alice", Serial: "1234ABCD"})
+	if err := card.Insert(); err != nil {
+		t.Fatal(err)
+	}
+	t1 := w.expectToken(monitor.TokenInserted, eventTimeout)
+	if t1.Label != "Alice" || t1.Serial != "1234ABCD" || t1.Reader != w.pcscd.Readers()[0] {
+		t.Fatalf("inserted token = %+v, want label Alice, serial 1234ABCD in %q", t1, w.pcscd.Readers()[0])
+	}
+	if err := card.Remove(); err != nil {
+		t.Fatal(err)
+	}
+	if r := w.expectToken(monitor.TokenRemoved, eventTimeout); r.Generation != t1.Generation {
+		t.Fatalf("removed generation %d, want %d", r.Generation, t1.Generation)
+	}
+	if err := card.Insert(); err != nil {
+		t.Fatal(err)
+	}
+	t2 := w.expectToken(monitor.TokenInserted, eventTimeout)
+	if t2.Generation <= t1.Generation {
+		t.Fatalf("reinserted generation %d, want > %d", t2.Generation, t1.Generation)
+	}
+	if got := w.mon.Snapshot().LastGeneration; got != t2.Generation {
+		t.Fatalf("snapshot LastGeneration %d, want %d", got, t2.Generation)
+	}
+}
+
+// TestSwapInsideEventGap holds the monitor's loop while the card is pulled
+// and another one (or the same one) put back, so that the monitor wakes to a
+// slot that still holds a token: only PC/SC's event counter (and, for another
+// card, the token info) tells it a replug happened.
+func TestSwapInsideEventGap(t *testing.T) {
+	for _, tc := range []struct {
+		name string
+		next vcard.Profile
+	}{
+		{"another card", vcard.Profile{Label: "Bob", Serial: "B0B0"}},
+		{"same card", vcard.Profile{Label: "Alice", Serial: "A11CE0"}},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			w := newWorld(t)
+			w.start(monitor.Config{})
+			reader := w.pcscd.Readers()[0]
+			card := w.cards[0]
+			card.SetProfile(vcard.Profile{Label: "Alice", Serial: "A11CE0"})
+			if err := card.Insert(); err != nil {
+				t.Fatal(err)
+			}
+			old := w.expectToken(monitor.TokenInserted, eventTimeout)
+
+			obs, err := stack.NewObserver([]string{reader})
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer obs.Close()
+			before := obs.Current(reader)
+
+			release := w.mon.Hold()
+			if err := card.Remove(); err != nil {
+				t.Fatal(err)
+			}
+			if _, err := obs.WaitFor(reader, func(c stack.ObservedChange) bool { return !c.Present }, eventTimeout); err != nil {
+				release()
+				t.Fatal(err)
+			}
+			card.SetProfile(tc.next)
+			if err := card.Insert(); err != nil {
+				release()
+				t.Fatal(err)
+			}
+			seen, err := obs.WaitFor(reader, func(c stack.ObservedChange) bool {
+				return c.Present && c.EventCount >= before.EventCount+2
+			}, eventTimeout)
+			release()
+			if err != nil {
+				t.Fatal(err)
+			}
+			t.Logf("PC/SC event counter %d → %d while the loop was held", before.EventCount, seen.EventCount)
+
+			removed := w.expectToken(monitor.TokenRemoved, eventTimeout)
+			inserted := w.expectToken(monitor.TokenInserted, eventTimeout)
+			if removed.Generation != old.Generation {
+				t.Fatalf("removed generation %d, want %d", removed.Generation, old.Generation)
+			}
+			if inserted.Generation <= old.Generation || inserted.Label != tc.next.Label || inserted.Serial != tc.next.Serial {
+				t.Fatalf("inserted %+v, want a new generation of %q/%q", inserted, tc.next.Label, tc.next.Serial)
+			}
+			// Nothing else may follow for this slot: no in-place change, no
+			// second insertion.
+			ctx, cancel := context.WithTimeout(context.Background(), time.Second)
+			defer cancel()
+			for {
+				ev, err := w.sub.Next(ctx)
+				if err != nil {
+					break
+				}
+				if ev.Token != nil {
+					t.Fatalf("unexpected %v after the swap", ev)
+				}
+			}
+		})
+	}
+}
+
+// TestRapidReplug cycles a card 100 times, each transition as soon as pcscd
+// has seen the previous one (the fastest reliable rate on vpcd).
+func TestRapidReplug(t *testing.T) {
+	const cycles = 100
+	w := newWorld(t)
+	reader := w.pcscd.Readers()[0]
+	obs, err := stack.NewObserver([]string{reader})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer obs.Close()
+	baseline := runtime.NumGoroutine()
+	w.start(monitor.Config{})
+
+	card := w.cards[0]
+	start := time.Now()
+	for i := range cycles {
+		if err := card.Insert(); err != nil {
+			t.Fatalf("cycle %d: %v", i, err)
+		}
+		if _, err := obs.WaitFor(reader, func(c stack.ObservedChange) bool { return c.Present }, eventTimeout); err != nil {
+			t.Fatalf("cycle %d insert: %v", i, err)
+		}
+		if err := card.Remove(); err != nil {
+			t.Fatalf("cycle %d: %v", i, err)
+		}
+		if _, err := obs.WaitFor(reader, func(c stack.ObservedChange) bool { return !c.Present }, eventTimeout); err != nil {
+			t.Fatalf("cycle %d remove: %v", i, err)
+		}
+	}
+	// The last state: card in.
+	if err := card.Insert(); err != nil {
+		t.Fatal(err)
+	}
+	elapsed := time.Since(start)
+
+	var inserted, removed int
+	var lastGen uint64
+	var live *monitor.Token
+	for inserted < cycles+1 || live == nil {
+		ev := w.next(eventTimeout, monitor.TokenInserted, monitor.TokenRemoved)
+		switch ev.Kind {
+		case monitor.TokenInserted:
+			if live != nil {
+				t.Fatalf("insertion %d while generation %d is still live", ev.Token.Generation, live.Generation)
+			}
+			if ev.Token.Generation <= lastGen {
+				t.Fatalf("generation %d after %d", ev.Token.Generation, lastGen)
+			}
+			lastGen, live = ev.Token.Generation, ev.Token
+			inserted++
+		case monitor.TokenRemoved:
+			if live == nil || ev.Token.Generation != live.Generation {
+				t.Fatalf("removal of %d, live %+v", ev.Token.Generation, live)
+			}
+			live = nil
+			removed++
+		}
+	}
+	pcscSaw, present := 0, false
+	for _, c := range obs.Changes() {
+		if c.Reader == reader && c.Present != present {
+			present = c.Present
+			if present {
+				pcscSaw++
+			}
+		}
+	}
+	t.Logf("%d cycles in %v: pcscd saw %d insertions, monitor reported %d insertions and %d removals",
+		cycles, elapsed.Round(time.Millisecond), pcscSaw, inserted, removed)
+	if inserted != cycles+1 || removed != cycles {
+		t.Fatalf("monitor reported %d insertions and %d removals, want %d and %d", inserted, removed, cycles+1, cycles)
+	}
+	snap := w.mon.Snapshot()
+	if toks := snap.Tokens(); len(toks) != 1 || toks[0].Generation != live.Generation {
+		t.Fatalf("final snapshot tokens %v, want generation %d", toks, live.Generation)
+	}
+
+	w.sub.Close()
+	w.mon.Close()
+	deadline := time.Now().Add(3 * time.Second)
+	for runtime.NumGoroutine() > baseline && time.Now().Before(deadline) {
+		time.Sleep(20 * time.Millisecond)
+	}
+	if n := runtime.NumGoroutine(); n > baseline {
+		buf := make([]byte, 1<<20)
+		t.Fatalf("goroutines: %d before the monitor, %d after Close\n%s", baseline, n, buf[:runtime.Stack(buf, true)])
+	}
+}
+
+func TestPCSCDRestart(t *testing.T) {
+	w := newWorld(t)
+	card := w.cards[0]
+	if err := card.Insert(); err != nil {
+		t.Fatal(err)
+	}
+	w.start(monitor.Config{})
+	first := w.expectTokenSoon()
+
+	if err := w.pcscd.Kill(); err != nil {
+		t.Fatal(err)
+	}
+	ev := w.next(eventTimeout, monitor.StateChanged)
+	if ev.Snapshot.State != monitor.StateDegraded {
+		t.Fatalf("after pcscd died: state %v (%q), want degraded", ev.Snapshot.State, ev.Snapshot.StateReason)
+	}
+	t.Logf("degraded: %s", ev.Snapshot.StateReason)
+	if r := w.expectToken(monitor.TokenRemoved, eventTimeout); r.Generation != first.Generation {
+		t.Fatalf("removed %d, want %d", r.Generation, first.Generation)
+	}
+	card.Remove() // its connection died with pcscd
+
+	if err := w.pcscd.Restart(); err != nil {
+		t.Fatal(err)
+	}
+	for {
+		ev := w.next(10*time.Second, monitor.StateChanged)
+		if ev.Snapshot.State == monitor.StateRunning {
+			break
+		}
+	}
+	if err := card.Insert(); err != nil {
+		t.Fatal(err)
+	}
+	again := w.expectToken(monitor.TokenInserted, eventTimeout)
+	if again.Generation <= first.Generation {
+		t.Fatalf("generation after restart %d, want > %d", again.Generation, first.Generation)
+	}
+}
+
+// expectTokenSoon returns the token already in the first snapshot, or waits
+// for its insertion.
+func (w *world) expectTokenSoon() *monitor.Token {
+	w.t.Helper()
+	if toks := w.snap.Tokens(); len(toks) > 0 {
+		return toks[0]
+	}
+	return w.expectToken(monitor.TokenInserted, eventTimeout)
+}
+
+func TestTwoReadersIndependent(t *testing.T) {
+	w := newWorld(t)
+	if len(w.cards) < 2 {
+		t.Fatalf("pcscd gave %d readers, want 2", len(w.cards))
+	}
+	w.start(monitor.Config{})
+	for _, c := range w.cards[:2] {
+		if err := c.Insert(); err != nil {
+			t.Fatal(err)
+		}
+	}
+	gens := map[string]uint64{}
+	for len(gens) < 2 {
+		tok := w.expectToken(monitor.TokenInserted, eventTimeout)
+		gens[tok.Reader] = tok.Generation
+	}
+	steady := w.pcscd.Readers()[0]
+	for i := range 5 {
+		if err := w.cards[1].Remove(); err != nil {
+			t.Fatal(err)
+		}
+		if r := w.expectToken(monitor.TokenRemoved, eventTimeout); r.Reader == steady {
+			t.Fatalf("cycle %d: the steady reader's token was removed", i)
+		}
+		if err := w.cards[1].Insert(); err != nil {
+			t.Fatal(err)
+		}
+		if r := w.expectToken(monitor.TokenInserted, eventTimeout); r.Reader == steady {
+			t.Fatalf("cycle %d: the steady reader got a new token", i)
+		}
+	}
+	snap := w.mon.Snapshot()
+	for _, tok := range snap.Tokens() {
+		if tok.Reader == steady && tok.Generation != gens[steady] {
+			t.Fatalf("steady reader's generation %d, want %d", tok.Generation, gens[steady])
+		}
+	}
+}
+
+func TestCloseWhileWaitIsBlocked(t *testing.T) {
+	w := newWorld(t)
+	w.start(monitor.Config{})
+	time.Sleep(300 * time.Millisecond) // let the waiters block in C_WaitForSlotEvent and SCardGetStatusChange
+	start := time.Now()
+	w.mon.Close()
+	if d := time.Since(start); d > 2*time.Second {
+		t.Fatalf("Close took %v, want < 2s", d)
+	} else {
+		t.Logf("Close returned in %v", d.Round(time.Microsecond))
+	}
+	if _, err := w.sub.Next(context.Background()); !errors.Is(err, monitor.ErrClosed) {
+		t.Fatalf("subscription after Close: %v, want ErrClosed", err)
+	}
+}
+
+// TestReclamationWaitsForHolders: a caller holds generation g while the
+// token is removed. New operations on g fail at once; g's sessions are
+// reclaimed only when the holder releases; the slot's next generation can be
+// used only after that.
+func TestReclamationWaitsForHolders(t *testing.T) {
+	w := newWorld(t)
+	w.start(monitor.Config{})
+	card := w.cards[0]
+	if err := card.Insert(); err != nil {
+		t.Fatal(err)
+	}
+	tok := w.expectToken(monitor.TokenInserted, eventTimeout)
+
+	ctx := context.Background()
+	release, err := w.mon.Acquire(ctx, tok.Generation)
+	if err != nil {
+		t.Fatal(err)
+	}
+	sess, err := w.mod.OpenSession("caller-1", tok.Slot.ID, tok.Generation, false)
+	if err != nil {
+		release()
+		t.Fatal(err)
+	}
+
+	if err := card.Remove(); err != nil {
+		t.Fatal(err)
+	}
+	w.expectToken(monitor.TokenRemoved, eventTimeout)
+	if _, err := w.mon.Acquire(ctx, tok.Generation); !errors.Is(err, monitor.ErrTokenRemoved) {
+		t.Fatalf("acquire after removal: %v, want ErrTokenRemoved", err)
+	}
+	if _, ok := w.mod.Session(sess.ID); !ok {
+		t.Fatal("the session was reclaimed while a caller still held its generation")
+	}
+
+	if err := card.Insert(); err != nil {
+		t.Fatal(err)
+	}
+	tok2 := w.expectToken(monitor.TokenInserted, eventTimeout)
+	short, cancel := context.WithTimeout(ctx, 300*time.Millisecond)
+	defer cancel()
+	if r, err := w.mon.Acquire(short, tok2.Generation); err == nil {
+		r()
+		t.Fatal("the next generation was usable before the old one was reclaimed")
+	}
+
+	release()
+	deadline := time.Now().Add(eventTimeout)
+	for {
+		if _, ok := w.mod.Session(sess.ID); !ok {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatal("the session was not reclaimed after the holder released")
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+	r2, err := w.mon.Acquire(ctx, tok2.Generation)
+	if err != nil {
+		t.Fatalf("next generation after reclamation: %v", err)
+	}
+	r2()
+}
