@@ -288,7 +288,8 @@ type moduleTrack struct {
 	waiterDone  chan struct{}
 	failed      bool      // failing: its tokens are removed; finalize and initialize again
 	failures    int       // failed reads in a row
-	rereadAt    time.Time // after a transient read error: read again then
+	rereadAt    time.Time // after a transient read error, or while a card settles: read again then
+	settleReads int       // re-reads so far while PC/SC shows a card the module does not
 	retry       backoff
 	retryAt     time.Time // when not initialized: next Initialize attempt
 	nextPoll    time.Time // polling mode: next re-read
@@ -363,10 +364,14 @@ func (l *loop) armTimer(t *time.Timer) {
 		}
 	}
 	for _, mt := range l.modules {
-		if !mt.initialized {
+		switch {
+		case !mt.initialized, mt.failed:
 			consider(mt.retryAt)
-		} else if mt.waitMode == WaitPolling {
+		case mt.waitMode == WaitPolling:
 			consider(mt.nextPoll)
+		}
+		if mt.initialized {
+			consider(mt.rereadAt)
 		}
 	}
 	consider(l.pcscRetryAt)

@@ -217,16 +217,19 @@ func describePCSCError(err error) error {
 		return err
 	}
 	e := &PCSCError{Code: code}
-	switch code {
-	case scard.ErrNoService, scard.ErrServiceStopped, scard.ErrCommError:
-		sock := pcscSocket()
-		if c, derr := net.DialTimeout("unix", sock, 200*time.Millisecond); derr == nil {
-			c.Close()
-			e.Reason = fmt.Sprintf("pcscd at %s accepts connections but refused this client (%v): access denied by polkit?", sock, code)
-		} else {
-			e.Reason = fmt.Sprintf("pcscd is not running (%v; %s: %v)", code, sock, errors.Unwrap(derr))
-		}
+	sock := pcscSocket()
+	c, derr := net.DialTimeout("unix", sock, 200*time.Millisecond)
+	switch {
+	case derr != nil:
+		// Whatever the code (a dead pcscd shows as SCARD_E_NO_SERVICE,
+		// SCARD_F_COMM_ERROR or even SCARD_W_SECURITY_VIOLATION), nobody
+		// listens on the socket.
+		e.Reason = fmt.Sprintf("pcscd is not running (%v; %s: %v)", code, sock, errors.Unwrap(derr))
+	case code == scard.ErrNoService || code == scard.ErrServiceStopped || code == scard.ErrSecurityViolation:
+		c.Close()
+		e.Reason = fmt.Sprintf("pcscd at %s accepts connections but refused this client (%v): access denied by polkit?", sock, code)
 	default:
+		c.Close()
 		e.Reason = fmt.Sprintf("PC/SC: %v (0x%08x)", code, uint32(code))
 	}
 	return e

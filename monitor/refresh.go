@@ -98,10 +98,17 @@ func (l *loop) refresh(all bool) {
 		}
 		mt.failures, mt.lastErr = 0, nil
 		mt.retry.Reset()
+		unsettled := false
 		for _, r := range reads {
 			s := l.buildSlot(mt, r, now)
 			newSlots[s.Key] = s
+			if s.Token == nil && r.token == nil && s.Reader != "" {
+				if rd := l.readers[s.Reader]; rd != nil && rd.State == ReaderPresent {
+					unsettled = true
+				}
+			}
 		}
+		l.settle(mt, unsettled, now)
 	}
 
 	l.commit(newSlots, now)
@@ -207,6 +214,27 @@ func readSlots(mod Module) ([]slotRead, error) {
 		reads = append(reads, r)
 	}
 	return reads, nil
+}
+
+// settle schedules a few quick re-reads while PC/SC reports a card that the
+// module does not show as a token yet: the module recognizes cards when it
+// is asked, and its own slot event may already have been consumed by our
+// read. A card that never becomes a token (blank, unsupported) costs a
+// handful of reads, then nothing until the next event.
+func (l *loop) settle(mt *moduleTrack, unsettled bool, now time.Time) {
+	const maxSettleReads = 6
+	if !unsettled {
+		mt.settleReads = 0
+		return
+	}
+	if mt.settleReads >= maxSettleReads {
+		return
+	}
+	mt.settleReads++
+	delay := l.cfg.RetryMin << (mt.settleReads - 1)
+	if at := now.Add(delay); mt.rereadAt.IsZero() || at.Before(mt.rereadAt) {
+		mt.rereadAt = at
+	}
 }
 
 // moduleReadFailed counts a failed read; a module that keeps failing is

@@ -110,6 +110,12 @@ type chip struct {
 	curDF   *file
 	curEF   *file
 	pending []byte
+	// onTokenInfoRead, if set, is called after every successful READ
+	// BINARY of TokenInfo: the host has read what it needs to show the
+	// token.
+	onTokenInfoRead func()
+	// onCommand, if set, is called for every command APDU.
+	onCommand func()
 }
 
 func newChip(mf *file) *chip {
@@ -127,6 +133,9 @@ func (c *chip) reset() {
 // process executes one command APDU and returns the response APDU
 // (response data followed by SW1 SW2).
 func (c *chip) process(apdu []byte) []byte {
+	if c.onCommand != nil {
+		c.onCommand()
+	}
 	cmd, err := parseCommand(apdu)
 	if err != nil {
 		return sw(nil, swWrongLength)
@@ -155,6 +164,9 @@ func (c *chip) process(apdu []byte) []byte {
 		return c.respond(cmd, data, status)
 	case insReadBinary:
 		data, status := c.readBinary(cmd)
+		if (status == swOK || status == swEndOfFile) && c.curEF.fid == fidTokenInfo && c.onTokenInfoRead != nil {
+			c.onTokenInfoRead()
+		}
 		return sw(data, status) // readBinary already honoured Le
 	default:
 		return sw(nil, swINSNotSupported)

@@ -24,6 +24,7 @@ import (
 	"io"
 	"net"
 	"sync"
+	"sync/atomic"
 	"time"
 )
 
@@ -70,13 +71,15 @@ type Card struct {
 
 	op sync.Mutex // serializes Insert/Remove/Swap/Close (they block on I/O)
 
-	mu      sync.Mutex // guards the fields below; never held during I/O
-	profile Profile
-	fs      *file         // file system built for profile; nil until needed
-	gen     int           // incremented by every profile change
-	conn    *net.TCPConn  // current connection to vpcd, nil if removed
-	done    chan struct{} // closed when conn's serve goroutine has returned
-	closed  bool
+	mu       sync.Mutex // guards the fields below; never held during I/O
+	profile  Profile
+	fs       *file         // file system built for profile; nil until needed
+	gen      int           // incremented by every profile change
+	conn     *net.TCPConn  // current connection to vpcd, nil if removed
+	done     chan struct{} // closed when conn's serve goroutine has returned
+	read     chan struct{} // closed when the host read TokenInfo in this insertion
+	lastAPDU atomic.Int64  // unix nanoseconds of the last command the host sent
+	closed   bool
 }
 
 // New returns a removed card for the vpcd reader listening at addr
@@ -263,12 +266,57 @@ func (c *Card) insert(fs *file) error {
 		conn.Close()
 		return fmt.Errorf("vcard: insert into %s: %w", c.addr, err)
 	}
-	done := make(chan struct{})
+	done, read := make(chan struct{}), make(chan struct{})
 	c.mu.Lock()
-	c.conn, c.done = conn, done
+	c.conn, c.done, c.read = conn, done, read
 	c.mu.Unlock()
-	go serve(conn, newChip(fs), done)
+	ch := newChip(fs)
+	var once sync.Once
+	ch.onTokenInfoRead = func() { once.Do(func() { close(read) }) }
+	ch.onCommand = func() { c.lastAPDU.Store(time.Now().UnixNano()) }
+	go serve(conn, ch, done)
 	return nil
+}
+
+// WaitRecognized waits until the host has read the card's TokenInfo in the
+// current insertion and then sent no command for idle: OpenSC has finished
+// binding the card and shows it as a token. Tests that cycle a card as fast
+// as the stack can recognize it call this before pulling the card; a card
+// pulled in the middle of OpenSC's reading was never a token to anyone.
+func (c *Card) WaitRecognized(idle, timeout time.Duration) error {
+	deadline := time.NewTimer(timeout)
+	defer deadline.Stop()
+	select {
+	case <-c.TokenInfoRead():
+	case <-deadline.C:
+		return fmt.Errorf("vcard: the host did not read TokenInfo within %v", timeout)
+	}
+	for {
+		quiet := time.Since(time.Unix(0, c.lastAPDU.Load()))
+		if quiet >= idle {
+			return nil
+		}
+		select {
+		case <-time.After(idle - quiet):
+		case <-deadline.C:
+			return fmt.Errorf("vcard: the host kept talking to the card for %v", timeout)
+		}
+	}
+}
+
+// TokenInfoRead returns a channel that is closed once the host (OpenSC,
+// through pcscd) has read the card's TokenInfo during the current
+// insertion: from then on the card is a token to the host. It returns nil
+// (a channel that never fires) while the card is removed. Tests that cycle
+// a card as fast as the stack can recognize it wait for this before
+// removing the card; a card pulled earlier was never a token to anyone.
+func (c *Card) TokenInfoRead() <-chan struct{} {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if c.conn == nil {
+		return nil
+	}
+	return c.read
 }
 
 // remove closes the connection and waits for its serve goroutine. Called
