@@ -1,4 +1,4 @@
-# slotwatch — see README.md. Targets: deps build test demo bench stress clean.
+# slotwatch — see README.md. Targets: deps build test demo bench clean.
 
 GO      ?= $(shell command -v go 2>/dev/null || echo /usr/local/go/bin/go)
 SUDO    := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
@@ -37,7 +37,7 @@ demo: deps build
 	$(GO) run ./tests/demo -slotwatch $(BIN)
 
 bench: deps
-	$(GO) test -run '^$$' -bench . -benchtime 20x -count 1 ./tests/...
+	$(GO) test -run '^$$' -bench . -benchtime 20x -count 1 ./...
 
 clean:
 	rm -rf bin

@@ -39,6 +39,16 @@ func TestMain(m *testing.M) {
 		os.Exit(1)
 	}
 	os.Setenv("OPENSC_CONF", conf)
+	// SoftHSM reads its config at C_Initialize; one store for the process.
+	hsm, err := stack.NewSoftHSM(filepath.Join(dir, "softhsm"))
+	if err == nil {
+		err = hsm.InitToken("Test HSM", "12345678", "123456")
+	}
+	if err != nil {
+		fmt.Fprintln(os.Stderr, err)
+		os.Exit(1)
+	}
+	os.Setenv("SOFTHSM2_CONF", hsm.Conf)
 	code := m.Run()
 	os.RemoveAll(dir)
 	os.Exit(code)
@@ -498,4 +508,58 @@ func TestReclamationWaitsForHolders(t *testing.T) {
 		t.Fatalf("next generation after reclamation: %v", err)
 	}
 	r2()
+}
+
+// TestPollingModule: SoftHSM2 cannot wait for slot events
+// (CKR_FUNCTION_NOT_SUPPORTED); the monitor polls it instead, next to
+// OpenSC's blocking waiter, and shows its token with a generation.
+func TestPollingModule(t *testing.T) {
+	w := newWorld(t)
+	hsm := module.Open(stack.SoftHSMModule, module.Options{Name: "softhsm"})
+	mon, err := monitor.New(monitor.Config{
+		Modules:      []monitor.Module{w.mod, hsm},
+		PCSC:         true,
+		PollInterval: 100 * time.Millisecond,
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer mon.Close()
+	snap, sub := mon.Subscribe()
+	defer sub.Close()
+	w.sub = sub
+
+	var hsmToken *monitor.Token
+	for _, tok := range snap.Tokens() {
+		if tok.Label == "Test HSM" {
+			hsmToken = tok
+		}
+	}
+	if hsmToken == nil || hsmToken.Generation == 0 || hsmToken.Reader != "" {
+		t.Fatalf("SoftHSM token in the first snapshot: %+v (tokens %v)", hsmToken, snap.Tokens())
+	}
+	for {
+		ev := w.next(eventTimeout, monitor.ModuleChanged)
+		if ev.Module.Name == "softhsm" && ev.Module.WaitMode == monitor.WaitPolling {
+			break
+		}
+	}
+	// OpenSC still waits, and its card is seen while SoftHSM is polled.
+	if err := w.cards[0].Insert(); err != nil {
+		t.Fatal(err)
+	}
+	if tok := w.expectToken(monitor.TokenInserted, eventTimeout); tok.Slot.Module != "opensc" {
+		t.Fatalf("inserted %+v, want the OpenSC card", tok)
+	}
+	time.Sleep(300 * time.Millisecond) // a few polls: nothing may change
+	after, _ := mon.Snapshot().Token(hsmToken.Generation)
+	if after == nil {
+		t.Fatalf("polling changed the SoftHSM token's generation: %v", mon.Snapshot().Tokens())
+	}
+	for _, m := range mon.Snapshot().Modules {
+		want := map[string]monitor.WaitMode{"opensc": monitor.WaitBlocking, "softhsm": monitor.WaitPolling}[m.Name]
+		if m.WaitMode != want || m.State != monitor.ModuleRunning {
+			t.Errorf("module %s: wait %v state %v, want %v running", m.Name, m.WaitMode, m.State, want)
+		}
+	}
 }

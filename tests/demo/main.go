@@ -1,7 +1,7 @@
 // Command demo is what `make demo` runs: a private pcscd with the vpcd
 // driver, the project's virtual card, and `slotwatch watch` printing what it
-// sees while the card is inserted, removed, reinserted and swapped inside one
-// event gap. Everything runs in a temp dir on loopback ports and is stopped
+// sees while the card is inserted, removed, reinserted, and swapped while
+// slotwatch is frozen (so that it wakes to a single change). Everything runs in a temp dir on loopback ports and is stopped
 // by PID at the end (also on ^C); the machine's pcscd is never touched.
 package main
 
@@ -75,7 +75,20 @@ func run(bin string) error {
 		}
 	}
 
-	card := vcard.New(pcscd.Addr(0), vcard.Profile{Label: "Demo Card", Serial: "D3300001"})
+	// The demo watches pcscd itself too, to know when pcscd has seen a
+	// change (libpcsclite reads the socket variable once per process).
+	os.Setenv("PCSCLITE_CSOCK_NAME", socket)
+	obs, err := stack.NewObserver([]string{reader})
+	if err != nil {
+		return err
+	}
+	defer obs.Close()
+	seen := func(present bool) error {
+		_, err := obs.WaitFor(reader, func(c stack.ObservedChange) bool { return c.Present == present }, 5*time.Second)
+		return err
+	}
+
+	card := vcard.New(pcscd.Addr(0), vcard.Profile{Label: "Demo Card", Serial: "d3300001"})
 	defer card.Close()
 	steps := []struct {
 		what string
@@ -84,8 +97,22 @@ func run(bin string) error {
 		{fmt.Sprintf("inserting virtual card \"Demo Card\" into %q", reader), card.Insert},
 		{"removing it", card.Remove},
 		{"inserting it again: a new generation", card.Insert},
-		{"swapping in \"Other Card\" as fast as possible (one event gap)", func() error {
-			return card.Swap(vcard.Profile{Label: "Other Card", Serial: "0DD00002"})
+		{"freezing slotwatch (SIGSTOP), swapping in \"Other Card\" while pcscd watches, thawing it (SIGCONT):\n    slotwatch wakes to one change, yet reports the removal and the new generation", func() error {
+			if err := watch.Process.Signal(syscall.SIGSTOP); err != nil {
+				return err
+			}
+			defer watch.Process.Signal(syscall.SIGCONT)
+			if err := card.Remove(); err != nil {
+				return err
+			}
+			if err := seen(false); err != nil {
+				return err
+			}
+			card.SetProfile(vcard.Profile{Label: "Other Card", Serial: "0dd00002"})
+			if err := card.Insert(); err != nil {
+				return err
+			}
+			return seen(true)
 		}},
 		{"removing it", card.Remove},
 	}

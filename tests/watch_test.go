@@ -1,0 +1,126 @@
+// Package tests holds the integration tests that run slotwatch's binary
+// against the real stack, and the harness they use (tests/stack,
+// tests/vcard).
+package tests
+
+import (
+	"bufio"
+	"encoding/json"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"runtime"
+	"testing"
+	"time"
+
+	"github.com/slotwatch/slotwatch/tests/stack"
+	"github.com/slotwatch/slotwatch/tests/vcard"
+)
+
+// buildSlotwatch builds the binary into a temp dir.
+func buildSlotwatch(t *testing.T) string {
+	t.Helper()
+	bin := filepath.Join(t.TempDir(), "slotwatch")
+	// The go that runs this test, also when it is not on PATH.
+	goBin := filepath.Join(runtime.GOROOT(), "bin", "go")
+	out, err := exec.Command(goBin, "build", "-race", "-o", bin, "../service").CombinedOutput()
+	if err != nil {
+		t.Fatalf("go build: %v\n%s", err, out)
+	}
+	return bin
+}
+
+// watchLine is one line of `slotwatch watch --json`.
+type watchLine struct {
+	Event string `json:"event"`
+	Token *struct {
+		Generation uint64
+		Label      string
+		Serial     string
+		Reader     string
+	} `json:"token"`
+}
+
+// TestWatchCommand runs `slotwatch watch --json` as a user would, against a
+// private pcscd, and checks what it prints for insert, remove, reinsert.
+func TestWatchCommand(t *testing.T) {
+	bin := buildSlotwatch(t)
+	dir := t.TempDir()
+	pcscd := stack.StartPCSCDForTest(t, stack.PCSCDConfig{Socket: filepath.Join(dir, "pcscd.comm"), Dir: dir})
+	conf, err := stack.WriteOpenSCConf(dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	cmd := exec.Command(bin, "watch", "--json")
+	cmd.Env = append(os.Environ(), "PCSCLITE_CSOCK_NAME="+pcscd.Socket(), "OPENSC_CONF="+conf)
+	stdout, err := cmd.StdoutPipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	var stderr lockedBuffer
+	cmd.Stderr = &stderr
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	exited := make(chan error, 1)
+	t.Cleanup(func() {
+		cmd.Process.Signal(os.Interrupt)
+		select {
+		case <-exited:
+		case <-time.After(5 * time.Second):
+			cmd.Process.Kill()
+			t.Errorf("slotwatch watch did not exit within 5 s of SIGINT")
+		}
+	})
+
+	lines := make(chan watchLine, 100)
+	go func() {
+		sc := bufio.NewScanner(stdout)
+		for sc.Scan() {
+			var l watchLine
+			if err := json.Unmarshal(sc.Bytes(), &l); err != nil {
+				t.Errorf("not JSON: %q", sc.Text())
+				continue
+			}
+			lines <- l
+		}
+		close(lines)
+		exited <- cmd.Wait()
+	}()
+	expect := func(event string) watchLine {
+		t.Helper()
+		timeout := time.After(5 * time.Second)
+		for {
+			select {
+			case l, ok := <-lines:
+				if !ok {
+					t.Fatalf("slotwatch exited before %s; stderr:\n%s", event, stderr.String())
+				}
+				if l.Event == event {
+					return l
+				}
+			case <-timeout:
+				t.Fatalf("no %s within 5 s; stderr:\n%s", event, stderr.String())
+			}
+		}
+	}
+	expect("snapshot")
+
+	card := vcard.New(pcscd.Addr(0), vcard.Profile{Label: "CLI Card", Serial: "c11c0001"})
+	t.Cleanup(func() { card.Close() })
+	if err := card.Insert(); err != nil {
+		t.Fatal(err)
+	}
+	in1 := expect("token-inserted")
+	if in1.Token == nil || in1.Token.Label != "CLI Card" || in1.Token.Serial != "c11c0001" || in1.Token.Reader != pcscd.Readers()[0] {
+		t.Fatalf("token-inserted: %+v", in1.Token)
+	}
+	card.Remove()
+	if out := expect("token-removed"); out.Token.Generation != in1.Token.Generation {
+		t.Fatalf("removed generation %d, want %d", out.Token.Generation, in1.Token.Generation)
+	}
+	card.Insert()
+	if in2 := expect("token-inserted"); in2.Token.Generation <= in1.Token.Generation {
+		t.Fatalf("reinserted generation %d, want > %d", in2.Token.Generation, in1.Token.Generation)
+	}
+}
