@@ -49,9 +49,9 @@ type Config struct {
 	// PollInterval is how often modules that cannot wait are re-read.
 	// Default 2 s.
 	PollInterval time.Duration
-	// RetryMin and RetryMax bound the backoff for reconnecting to pcscd and
-	// re-initializing a failing module. Defaults 50 ms and 1 s for pcscd,
-	// RetryMin and 16·RetryMax... see withDefaults.
+	// RetryMin is the first delay of every backoff (default 50 ms);
+	// RetryMax caps the backoff for reconnecting to pcscd and for a
+	// module's failing waits (default 800 ms).
 	RetryMin, RetryMax time.Duration
 	// ModuleRetryMax caps the backoff between re-initializations of a
 	// failing module. Default 30 s.
@@ -59,7 +59,9 @@ type Config struct {
 	// FailuresBeforeReinit is how many failed reads in a row make a module
 	// "failing" (rule 6). Default 3.
 	FailuresBeforeReinit int
-	Logger               *slog.Logger
+	// Logger gets the monitor's decisions (Debug: every event). Default:
+	// discard.
+	Logger *slog.Logger
 }
 
 func (c Config) withDefaults() Config {
@@ -268,7 +270,6 @@ type loop struct {
 	reclaimGen  map[uint64]SlotKey // dead generations waiting for reclamation
 	pcscRetry   backoff
 	pcscRetryAt time.Time // non-zero: re-read PC/SC then (a read failed while the watcher was fine)
-	recovering  bool      // PC/SC came back: the next snapshot reports Recovering before Running
 }
 
 // tracked is what the loop remembers of a slot's token beyond the snapshot:

@@ -23,8 +23,16 @@ func (l *loop) refresh(all bool) {
 	}
 
 	if in.pcscRecovered {
-		l.recovering = true
 		l.publishState(StateRecovering, "pcscd is back; re-reading readers")
+		// A module that failed while pcscd was gone (OpenSC answers
+		// CKR_GENERAL_ERROR then) gets its next try now, not at the end
+		// of a backoff that grew during the outage.
+		for _, mt := range l.modules {
+			if !mt.initialized || mt.failed {
+				mt.retry.Reset()
+				mt.retryAt = now
+			}
+		}
 	}
 
 	readModule := map[*moduleTrack]bool{}
@@ -124,7 +132,6 @@ func (l *loop) readPCSC(now time.Time) bool {
 			l.log.Warn("PC/SC unavailable", "err", err)
 		}
 		l.pcscUp, l.pcscErr = false, err
-		l.recovering = false
 		l.pcscRetryAt = now.Add(l.pcscRetry.Next())
 		// Every reader is gone with pcscd: when it is back, each reader is
 		// a new attachment whose event counter starts again.
@@ -521,7 +528,6 @@ func (l *loop) buildSnapshot(slots map[SlotKey]*Slot) *Snapshot {
 		s.State, s.StateReason = StateDegraded, strings.Join(problems, "; ")
 	default:
 		s.State = StateRunning
-		l.recovering = false
 	}
 	return s
 }
