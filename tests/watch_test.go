@@ -45,14 +45,8 @@ type watchLine struct {
 // private pcscd, and checks what it prints for insert, remove, reinsert.
 func TestWatchCommand(t *testing.T) {
 	bin := buildSlotwatch(t)
-	dir := t.TempDir()
-	pcscd := stack.StartPCSCDForTest(t, stack.PCSCDConfig{Socket: filepath.Join(dir, "pcscd.comm"), Dir: dir})
-	conf, err := stack.WriteOpenSCConf(dir)
-	if err != nil {
-		t.Fatal(err)
-	}
-	cmd := exec.Command(bin, "watch", "--json")
-	cmd.Env = append(os.Environ(), "PCSCLITE_CSOCK_NAME="+pcscd.Socket(), "OPENSC_CONF="+conf)
+	pcscd := stack.StartPCSCDForTest(t, stack.PCSCDConfig{Socket: pcscSocket, Dir: t.TempDir()})
+	cmd := exec.Command(bin, "watch", "--json") // inherits PCSCLITE_CSOCK_NAME and OPENSC_CONF
 	stdout, err := cmd.StdoutPipe()
 	if err != nil {
 		t.Fatal(err)

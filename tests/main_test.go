@@ -1,0 +1,34 @@
+package tests
+
+import (
+	"fmt"
+	"os"
+	"path/filepath"
+	"testing"
+
+	"github.com/slotwatch/slotwatch/tests/stack"
+)
+
+// pcscSocket is the one pcscd socket path of this test process:
+// libpcsclite reads PCSCLITE_CSOCK_NAME once per process, so every pcscd a
+// test here starts listens on it, one at a time.
+var pcscSocket string
+
+func TestMain(m *testing.M) {
+	dir, err := os.MkdirTemp("", "slotwatch-tests-")
+	if err != nil {
+		fmt.Fprintln(os.Stderr, err)
+		os.Exit(1)
+	}
+	pcscSocket = filepath.Join(dir, "pcscd.comm")
+	os.Setenv(stack.SocketEnv, pcscSocket)
+	conf, err := stack.WriteOpenSCConf(dir)
+	if err != nil {
+		fmt.Fprintln(os.Stderr, err)
+		os.Exit(1)
+	}
+	os.Setenv(stack.OpenSCConfEnv, conf)
+	code := m.Run()
+	os.RemoveAll(dir)
+	os.Exit(code)
+}
