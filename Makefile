@@ -8,7 +8,7 @@ BIN     := bin/slotwatch
 DEBS := pcscd libpcsclite-dev vsmartcard-vpcd vsmartcard-vpicc python3-virtualsmartcard \
         opensc-pkcs11 opensc softhsm2 p11-kit dbus gcc pkg-config
 
-.PHONY: all deps build test demo bench clean
+.PHONY: all deps build test demo bench clean install
 
 all: build
 
@@ -41,3 +41,34 @@ bench: deps
 
 clean:
 	rm -rf bin
+
+# install puts the daemon and its files where systemd and D-Bus look for
+# them; see packaging/README.md. Honours DESTDIR (staging root for
+# packages) and PREFIX. Run "systemctl --user daemon-reload" afterwards.
+PREFIX      ?= /usr/local
+SYSCONFDIR  ?= /etc
+BINDIR      ?= $(PREFIX)/bin
+DATADIR     ?= $(PREFIX)/share
+USERUNITDIR ?= $(PREFIX)/lib/systemd/user
+INSTALL     ?= install
+# The introspection XML is the contract; every file in xml/ is installed.
+INTERFACE_XML = $(wildcard xml/*.xml)
+
+install: build
+	$(INSTALL) -d "$(DESTDIR)$(BINDIR)" "$(DESTDIR)$(USERUNITDIR)" \
+		"$(DESTDIR)$(DATADIR)/dbus-1/services" "$(DESTDIR)$(DATADIR)/dbus-1/interfaces" \
+		"$(DESTDIR)$(SYSCONFDIR)/slotwatch" bin/packaging
+	$(INSTALL) -m 0755 $(BIN) "$(DESTDIR)$(BINDIR)/slotwatch"
+	sed -e 's|@bindir@|$(BINDIR)|g' packaging/slotwatch.service > bin/packaging/slotwatch.service
+	$(INSTALL) -m 0644 bin/packaging/slotwatch.service "$(DESTDIR)$(USERUNITDIR)/slotwatch.service"
+	$(INSTALL) -m 0644 packaging/io.github.slotwatch.Slotwatch1.service \
+		"$(DESTDIR)$(DATADIR)/dbus-1/services/io.github.slotwatch.Slotwatch1.service"
+	$(if $(INTERFACE_XML),$(INSTALL) -m 0644 $(INTERFACE_XML) "$(DESTDIR)$(DATADIR)/dbus-1/interfaces/")
+	@# The config may hold the administrator's edits: never overwrite it.
+	@conf="$(DESTDIR)$(SYSCONFDIR)/slotwatch/slotwatch.conf"; \
+	if [ -e "$$conf" ]; then \
+		echo "keeping existing $$conf"; \
+	else \
+		echo "$(INSTALL) -m 0644 packaging/slotwatch.conf $$conf"; \
+		$(INSTALL) -m 0644 packaging/slotwatch.conf "$$conf"; \
+	fi

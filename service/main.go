@@ -2,12 +2,12 @@
 //
 // Subcommands:
 //
+//	slotwatch serve [--address BUS] [--module PATH]... [--config FILE]
+//	    the daemon: owns io.github.slotwatch.Slotwatch1 on the session bus
+//
 //	slotwatch watch [--module PATH]... [--no-pcsc] [--json]
 //	    run the monitor in the foreground and print every change, one line
 //	    each, with its generation (a front end for trying the monitor out)
-//
-// The D-Bus daemon (`slotwatch serve`) and its clients come with the D-Bus
-// service; see ../shared/DESIGN.md in the planning repository.
 package main
 
 import (
@@ -18,6 +18,7 @@ import (
 const usage = `usage: slotwatch COMMAND [OPTIONS]
 
 commands:
+  serve   the daemon: serve the view and PKCS#11 sessions on D-Bus
   watch   run the monitor in the foreground and print every change
   help    show this text
 
@@ -31,6 +32,8 @@ func main() {
 	}
 	var err error
 	switch os.Args[1] {
+	case "serve":
+		err = runServe(os.Args[2:])
 	case "watch":
 		err = runWatch(os.Args[2:])
 	case "help", "-h", "--help":

@@ -14,12 +14,16 @@ import (
 // test here starts listens on it, one at a time.
 var pcscSocket string
 
+// testDir is this test process's temp dir (the built binary, confs).
+var testDir string
+
 func TestMain(m *testing.M) {
 	dir, err := os.MkdirTemp("", "slotwatch-tests-")
 	if err != nil {
 		fmt.Fprintln(os.Stderr, err)
 		os.Exit(1)
 	}
+	testDir = dir
 	pcscSocket = filepath.Join(dir, "pcscd.comm")
 	os.Setenv(stack.SocketEnv, pcscSocket)
 	conf, err := stack.WriteOpenSCConf(dir)

@@ -6,10 +6,12 @@ package tests
 import (
 	"bufio"
 	"encoding/json"
+	"fmt"
 	"os"
 	"os/exec"
 	"path/filepath"
 	"runtime"
+	"sync"
 	"testing"
 	"time"
 
@@ -17,17 +19,29 @@ import (
 	"github.com/slotwatch/slotwatch/tests/vcard"
 )
 
-// buildSlotwatch builds the binary into a temp dir.
-func buildSlotwatch(t *testing.T) string {
+var (
+	buildOnce sync.Once
+	builtBin  string
+	buildErr  error
+)
+
+// slotwatchBin builds the binary (with the race detector) once per test
+// process, into the process's temp dir.
+func slotwatchBin(t *testing.T) string {
 	t.Helper()
-	bin := filepath.Join(t.TempDir(), "slotwatch")
-	// The go that runs this test, also when it is not on PATH.
-	goBin := filepath.Join(runtime.GOROOT(), "bin", "go")
-	out, err := exec.Command(goBin, "build", "-race", "-o", bin, "../service").CombinedOutput()
-	if err != nil {
-		t.Fatalf("go build: %v\n%s", err, out)
+	buildOnce.Do(func() {
+		builtBin = filepath.Join(testDir, "slotwatch")
+		// The go that runs this test, also when it is not on PATH.
+		goBin := filepath.Join(runtime.GOROOT(), "bin", "go")
+		out, err := exec.Command(goBin, "build", "-race", "-o", builtBin, "../service").CombinedOutput()
+		if err != nil {
+			buildErr = fmt.Errorf("go build: %v\n%s", err, out)
+		}
+	})
+	if buildErr != nil {
+		t.Fatal(buildErr)
 	}
-	return bin
+	return builtBin
 }
 
 // watchLine is one line of `slotwatch watch --json`.
@@ -44,7 +58,7 @@ type watchLine struct {
 // TestWatchCommand runs `slotwatch watch --json` as a user would, against a
 // private pcscd, and checks what it prints for insert, remove, reinsert.
 func TestWatchCommand(t *testing.T) {
-	bin := buildSlotwatch(t)
+	bin := slotwatchBin(t)
 	pcscd := stack.StartPCSCDForTest(t, stack.PCSCDConfig{Socket: pcscSocket, Dir: t.TempDir()})
 	cmd := exec.Command(bin, "watch", "--json") // inherits PCSCLITE_CSOCK_NAME and OPENSC_CONF
 	stdout, err := cmd.StdoutPipe()

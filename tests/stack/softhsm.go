@@ -51,3 +51,15 @@ func (s *SoftHSM) InitToken(label, soPIN, userPIN string) error {
 	}
 	return nil
 }
+
+// GenerateECKey makes a P-256 key pair with CKA_ID id (hex) in the token
+// labelled token, with pkcs11-tool. PINs here are test fixtures.
+func (s *SoftHSM) GenerateECKey(token, userPIN, idHex, label string) error {
+	cmd := exec.Command("pkcs11-tool", "--module", SoftHSMModule, "--token-label", token,
+		"--login", "--pin", userPIN, "--keypairgen", "--key-type", "EC:prime256v1", "--id", idHex, "--label", label)
+	cmd.Env = append(os.Environ(), s.Env()...)
+	if out, err := cmd.CombinedOutput(); err != nil {
+		return fmt.Errorf("pkcs11-tool --keypairgen: %v\n%s", err, out)
+	}
+	return nil
+}

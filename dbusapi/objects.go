@@ -1,0 +1,235 @@
+package dbusapi
+
+import (
+	"fmt"
+	"maps"
+	"reflect"
+	"slices"
+	"strings"
+	"sync"
+
+	godbus "github.com/godbus/dbus/v5"
+	"github.com/godbus/dbus/v5/prop"
+
+	ifxml "github.com/slotwatch/slotwatch/xml"
+)
+
+// objects is the exported object tree: it exports and unexports objects on
+// the connection, keeps their property values, and is the ObjectManager at
+// the root (GetManagedObjects, InterfacesAdded, InterfacesRemoved). godbus
+// has no ObjectManager; this one is small and locked.
+//
+// Only the service's event goroutine changes objects (add, remove, set);
+// D-Bus calls read them (GetManagedObjects, Introspect) concurrently.
+type objects struct {
+	conn *godbus.Conn
+
+	mu     sync.RWMutex // guards byPath
+	byPath map[godbus.ObjectPath]*object
+}
+
+// object is one exported path: its interfaces with their properties and
+// method handlers.
+type object struct {
+	path  godbus.ObjectPath
+	props *prop.Properties
+	// values mirrors the property values, to tell real changes apart and to
+	// answer GetManagedObjects without reflection on prop's pointers.
+	values map[string]map[string]any
+	ifaces []string // interface names in export order
+}
+
+// iface describes one interface of an object being added.
+type iface struct {
+	name    string
+	methods any            // exported with godbus (nil: properties only)
+	props   map[string]any // name → value
+	// constant lists properties that never change for this object.
+	constant []string
+}
+
+func newObjects(conn *godbus.Conn) *objects {
+	return &objects{conn: conn, byPath: map[godbus.ObjectPath]*object{}}
+}
+
+// add exports an object and announces it with InterfacesAdded.
+func (o *objects) add(path godbus.ObjectPath, ifaces ...iface) error {
+	obj := &object{path: path, values: map[string]map[string]any{}}
+	pm := prop.Map{}
+	for _, ifc := range ifaces {
+		obj.ifaces = append(obj.ifaces, ifc.name)
+		if ifc.methods != nil {
+			if err := o.conn.Export(ifc.methods, path, ifc.name); err != nil {
+				return err
+			}
+		}
+		vals := map[string]any{}
+		props := map[string]*prop.Prop{}
+		for name, v := range ifc.props {
+			emit := prop.EmitTrue
+			if slices.Contains(ifc.constant, name) {
+				emit = prop.EmitConst
+			}
+			props[name] = &prop.Prop{Value: v, Emit: emit}
+			vals[name] = v
+		}
+		pm[ifc.name] = props
+		obj.values[ifc.name] = vals
+	}
+	p, err := prop.Export(o.conn, path, pm)
+	if err != nil {
+		return err
+	}
+	obj.props = p
+	if err := o.conn.Export(introspector{o}, path, introspectInterface); err != nil {
+		return err
+	}
+	o.mu.Lock()
+	o.byPath[path] = obj
+	o.mu.Unlock()
+	return o.conn.Emit(RootPath, objectManagerInterface+".InterfacesAdded", path, obj.managed())
+}
+
+// remove unexports an object and announces it with InterfacesRemoved.
+func (o *objects) remove(path godbus.ObjectPath) {
+	o.mu.Lock()
+	obj, ok := o.byPath[path]
+	delete(o.byPath, path)
+	o.mu.Unlock()
+	if !ok {
+		return
+	}
+	for _, name := range obj.ifaces {
+		o.conn.Export(nil, path, name)
+	}
+	o.conn.Export(nil, path, propertiesInterface)
+	o.conn.Export(nil, path, introspectInterface)
+	o.conn.Emit(RootPath, objectManagerInterface+".InterfacesRemoved", path, obj.ifaces)
+}
+
+// set changes a property; PropertiesChanged goes out only if the value
+// really changed.
+func (o *objects) set(path godbus.ObjectPath, ifaceName, name string, v any) {
+	o.mu.Lock()
+	obj, ok := o.byPath[path]
+	if !ok {
+		o.mu.Unlock()
+		return
+	}
+	if reflect.DeepEqual(obj.values[ifaceName][name], v) {
+		o.mu.Unlock()
+		return
+	}
+	obj.values[ifaceName][name] = v
+	o.mu.Unlock()
+	obj.props.SetMust(ifaceName, name, v)
+}
+
+func (o *objects) has(path godbus.ObjectPath) bool {
+	o.mu.RLock()
+	defer o.mu.RUnlock()
+	_, ok := o.byPath[path]
+	return ok
+}
+
+// managed is the a{sa{sv}} of an object for GetManagedObjects and
+// InterfacesAdded.
+func (obj *object) managed() map[string]map[string]godbus.Variant {
+	out := map[string]map[string]godbus.Variant{}
+	for _, name := range obj.ifaces {
+		vals := map[string]godbus.Variant{}
+		for k, v := range obj.values[name] {
+			vals[k] = godbus.MakeVariant(v)
+		}
+		out[name] = vals
+	}
+	return out
+}
+
+// objectManager is org.freedesktop.DBus.ObjectManager at the root.
+type objectManager struct{ o *objects }
+
+// GetManagedObjects returns every object below the root in one round trip.
+func (m objectManager) GetManagedObjects() (map[godbus.ObjectPath]map[string]map[string]godbus.Variant, *godbus.Error) {
+	m.o.mu.RLock()
+	defer m.o.mu.RUnlock()
+	out := map[godbus.ObjectPath]map[string]map[string]godbus.Variant{}
+	for path, obj := range m.o.byPath {
+		if path == RootPath {
+			continue // the ObjectManager's own object is not one it manages
+		}
+		out[path] = obj.managed()
+	}
+	return out, nil
+}
+
+// introspector answers Introspect for every path of the tree: the
+// object's interfaces (from xml/, the documented contract) and its
+// children.
+type introspector struct{ o *objects }
+
+func (in introspector) Introspect(msg godbus.Message) (string, *godbus.Error) {
+	path, _ := msg.Headers[godbus.FieldPath].Value().(godbus.ObjectPath)
+	return in.o.introspect(path), nil
+}
+
+const introspectHeader = `<!DOCTYPE node PUBLIC "-//freedesktop//DTD D-BUS Object Introspection 1.0//EN"
+ "http://www.freedesktop.org/standards/dbus/1.0/introspect.dtd">
+`
+
+// standardInterfaces is the introspection of the interfaces every object
+// has.
+const standardInterfaces = `<interface name="org.freedesktop.DBus.Introspectable">
+<method name="Introspect"><arg name="xml_data" type="s" direction="out"/></method>
+</interface>
+<interface name="org.freedesktop.DBus.Peer">
+<method name="Ping"/>
+<method name="GetMachineId"><arg name="machine_uuid" type="s" direction="out"/></method>
+</interface>
+<interface name="org.freedesktop.DBus.Properties">
+<method name="Get"><arg name="interface_name" type="s" direction="in"/><arg name="property_name" type="s" direction="in"/><arg name="value" type="v" direction="out"/></method>
+<method name="GetAll"><arg name="interface_name" type="s" direction="in"/><arg name="properties" type="a{sv}" direction="out"/></method>
+<method name="Set"><arg name="interface_name" type="s" direction="in"/><arg name="property_name" type="s" direction="in"/><arg name="value" type="v" direction="in"/></method>
+<signal name="PropertiesChanged"><arg name="interface_name" type="s"/><arg name="changed_properties" type="a{sv}"/><arg name="invalidated_properties" type="as"/></signal>
+</interface>
+`
+
+const objectManagerIntrospection = `<interface name="org.freedesktop.DBus.ObjectManager">
+<method name="GetManagedObjects"><arg name="objects" type="a{oa{sa{sv}}}" direction="out"/></method>
+<signal name="InterfacesAdded"><arg name="object" type="o"/><arg name="interfaces" type="a{sa{sv}}"/></signal>
+<signal name="InterfacesRemoved"><arg name="object" type="o"/><arg name="interfaces" type="as"/></signal>
+</interface>
+`
+
+func (o *objects) introspect(path godbus.ObjectPath) string {
+	o.mu.RLock()
+	defer o.mu.RUnlock()
+	var b strings.Builder
+	b.WriteString(introspectHeader)
+	b.WriteString("<node>\n")
+	if obj, ok := o.byPath[path]; ok {
+		b.WriteString(standardInterfaces)
+		if path == RootPath {
+			b.WriteString(objectManagerIntrospection)
+		}
+		for _, name := range obj.ifaces {
+			if x, ok := ifxml.Interface(name); ok {
+				b.WriteString(x)
+				b.WriteString("\n")
+			}
+		}
+	}
+	prefix := string(path) + "/"
+	children := map[string]bool{}
+	for p := range o.byPath {
+		if rest, ok := strings.CutPrefix(string(p), prefix); ok {
+			child, _, _ := strings.Cut(rest, "/")
+			children[child] = true
+		}
+	}
+	for _, c := range slices.Sorted(maps.Keys(children)) {
+		fmt.Fprintf(&b, "<node name=%q/>\n", c)
+	}
+	b.WriteString("</node>\n")
+	return b.String()
+}

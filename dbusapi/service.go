@@ -1,0 +1,343 @@
+package dbusapi
+
+import (
+	"context"
+	"crypto/rand"
+	"encoding/hex"
+	"fmt"
+	"log/slog"
+	"strconv"
+	"sync"
+	"time"
+
+	godbus "github.com/godbus/dbus/v5"
+
+	"github.com/slotwatch/slotwatch/module"
+	"github.com/slotwatch/slotwatch/monitor"
+)
+
+// Options tunes a Service.
+type Options struct {
+	Logger  *slog.Logger
+	Version string
+	// LoginTokenName is the label of the token the session logged in with
+	// (PKCS11_LOGIN_TOKEN_NAME, as GNOME uses it); "" if none.
+	LoginTokenName string
+	// GenerationWait bounds how long a call waits for a removed token's
+	// operations to drain before the slot's next token can be used; after
+	// it the call fails with Busy. Default 5 s.
+	GenerationWait time.Duration
+}
+
+// Service is slotwatch on the bus: it mirrors the monitor's snapshots as
+// objects and serves the methods. Create with New, then Start.
+type Service struct {
+	conn    *godbus.Conn
+	mon     *monitor.Monitor
+	modules map[string]*module.Module
+	opts    Options
+	log     *slog.Logger
+	objs    *objects
+
+	instanceID string
+	sessions   *sessionTable
+	callers    *callers
+
+	sub     *monitor.Subscription
+	applied sync.Mutex // held while an event is applied; tests and Close wait on it
+	done    chan struct{}
+	closeMu sync.Once
+}
+
+// New prepares a service on conn for the monitor's view. modules are the
+// monitor's modules by name, for the session methods.
+func New(conn *godbus.Conn, mon *monitor.Monitor, modules map[string]*module.Module, opts Options) *Service {
+	if opts.Logger == nil {
+		opts.Logger = slog.New(slog.DiscardHandler)
+	}
+	if opts.Version == "" {
+		opts.Version = "0.1.0"
+	}
+	if opts.GenerationWait <= 0 {
+		opts.GenerationWait = 5 * time.Second
+	}
+	id := make([]byte, 16)
+	rand.Read(id)
+	s := &Service{
+		conn: conn, mon: mon, modules: modules, opts: opts, log: opts.Logger,
+		objs:       newObjects(conn),
+		instanceID: hex.EncodeToString(id),
+		done:       make(chan struct{}),
+	}
+	s.sessions = newSessionTable()
+	s.callers = newCallers(conn, opts.Logger)
+	return s
+}
+
+// Start exports every object of the current snapshot, then requests the bus
+// name (so the name never appears before its objects), then follows the
+// monitor. When it returns, the first snapshot is on the bus.
+func (s *Service) Start() error {
+	snap, sub := s.mon.Subscribe()
+	s.sub = sub
+	if err := s.exportRoot(snap); err != nil {
+		sub.Close()
+		return err
+	}
+	if err := s.exportTombstones(); err != nil {
+		sub.Close()
+		return err
+	}
+	for i := range snap.Modules {
+		s.addModule(&snap.Modules[i])
+	}
+	for i := range snap.Readers {
+		s.addReader(&snap.Readers[i])
+	}
+	for i := range snap.Slots {
+		s.addSlot(&snap.Slots[i])
+	}
+	for _, t := range snap.Tokens() {
+		s.addToken(t)
+	}
+	if err := s.callers.start(func(name string) { s.callerGone(name) }); err != nil {
+		sub.Close()
+		return err
+	}
+	reply, err := s.conn.RequestName(BusName, godbus.NameFlagDoNotQueue)
+	if err != nil {
+		sub.Close()
+		return fmt.Errorf("requesting %s: %w", BusName, err)
+	}
+	if reply != godbus.RequestNameReplyPrimaryOwner {
+		sub.Close()
+		owner := "another connection"
+		var o string
+		if s.conn.BusObject().Call("org.freedesktop.DBus.GetNameOwner", 0, BusName).Store(&o) == nil {
+			owner = o
+		}
+		return fmt.Errorf("%s is already owned by %s: is another slotwatch running?", BusName, owner)
+	}
+	go s.follow()
+	return nil
+}
+
+// Close stops following the monitor, closes every session slotwatch
+// brokered, and releases the bus name. It does not close the connection or
+// the monitor.
+func (s *Service) Close() {
+	s.closeMu.Do(func() {
+		if s.sub == nil {
+			return
+		}
+		s.sub.Close()
+		<-s.done
+		s.callers.stop()
+		for _, sess := range s.sessions.all() {
+			s.closeSession(sess, "slotwatch is stopping")
+		}
+		s.conn.ReleaseName(BusName)
+	})
+}
+
+// follow applies the monitor's events, in order, to the bus.
+func (s *Service) follow() {
+	defer close(s.done)
+	for {
+		ev, err := s.sub.Next(context.Background())
+		if err != nil {
+			return
+		}
+		s.applied.Lock()
+		s.apply(ev)
+		s.applied.Unlock()
+	}
+}
+
+func (s *Service) apply(ev monitor.Event) {
+	snap := ev.Snapshot
+	switch ev.Kind {
+	case monitor.TokenRemoved:
+		s.removeToken(ev.Token)
+	case monitor.TokenInserted:
+		s.addToken(ev.Token)
+	case monitor.TokenChanged:
+		s.objs.set(tokenPath(ev.Token.Generation), TokenInterface, "Flags", uint32(ev.Token.Flags))
+	case monitor.SlotAdded:
+		s.addSlot(ev.Slot)
+	case monitor.SlotRemoved:
+		s.objs.remove(slotPath(ev.Slot.Key))
+	case monitor.SlotChanged:
+		p := slotPath(ev.Slot.Key)
+		s.objs.set(p, SlotInterface, "Description", ev.Slot.Description)
+		s.objs.set(p, SlotInterface, "Reader", readerPath(ev.Slot.Reader))
+		s.objs.set(p, SlotInterface, "Removable", ev.Slot.Removable)
+	case monitor.ReaderAdded:
+		s.addReader(ev.Reader)
+	case monitor.ReaderRemoved:
+		s.objs.remove(readerPath(ev.Reader.Name))
+	case monitor.ReaderChanged:
+		p := readerPath(ev.Reader.Name)
+		for k, v := range readerProps(ev.Reader) {
+			s.objs.set(p, ReaderInterface, k, v)
+		}
+	case monitor.ModuleChanged:
+		p := modulePath(ev.Module.Name)
+		if !s.objs.has(p) {
+			s.addModule(ev.Module)
+		}
+		for k, v := range moduleProps(ev.Module) {
+			s.objs.set(p, ModuleInterface, k, v)
+		}
+	}
+	for k, v := range s.managerProps(snap) {
+		s.objs.set(RootPath, ManagerInterface, k, v)
+	}
+}
+
+func (s *Service) exportRoot(snap *monitor.Snapshot) error {
+	return s.objs.add(RootPath,
+		iface{name: objectManagerInterface, methods: objectManager{s.objs}},
+		iface{name: ManagerInterface, methods: &manager{s}, props: s.managerProps(snap), constant: []string{"Version", "InstanceId"}},
+	)
+}
+
+func (s *Service) managerProps(snap *monitor.Snapshot) map[string]any {
+	present := false
+	for _, t := range snap.Tokens() {
+		if s.usedForLogin(t) {
+			present = true
+		}
+	}
+	return map[string]any{
+		"Version":           s.opts.Version,
+		"InstanceId":        s.instanceID,
+		"State":             uint32(snap.State),
+		"StateReason":       snap.StateReason,
+		"LastGeneration":    snap.LastGeneration,
+		"LoginTokenPresent": present,
+	}
+}
+
+func (s *Service) usedForLogin(t *monitor.Token) bool {
+	return s.opts.LoginTokenName != "" && t.Label == s.opts.LoginTokenName
+}
+
+func moduleProps(m *monitor.ModuleView) map[string]any {
+	return map[string]any{
+		"Library":        m.Path,
+		"Description":    m.Description,
+		"Manufacturer":   m.Manufacturer,
+		"LibraryVersion": m.LibraryVersion,
+		"WaitMode":       uint32(m.WaitMode),
+		"State":          uint32(m.State),
+	}
+}
+
+func (s *Service) addModule(m *monitor.ModuleView) {
+	s.logAdd(modulePath(m.Name), s.objs.add(modulePath(m.Name),
+		iface{name: ModuleInterface, props: moduleProps(m), constant: []string{"Library"}}))
+}
+
+func readerProps(r *monitor.Reader) map[string]any {
+	atr := r.Atr
+	if atr == nil {
+		atr = []byte{}
+	}
+	return map[string]any{
+		"Name":       r.Name,
+		"State":      uint32(r.State),
+		"Atr":        atr,
+		"EventCount": uint32(r.EventCount),
+	}
+}
+
+func (s *Service) addReader(r *monitor.Reader) {
+	s.logAdd(readerPath(r.Name), s.objs.add(readerPath(r.Name),
+		iface{name: ReaderInterface, props: readerProps(r), constant: []string{"Name"}}))
+}
+
+func (s *Service) addSlot(sl *monitor.Slot) {
+	tok := noObject
+	if sl.Token != nil {
+		tok = tokenPath(sl.Token.Generation)
+	}
+	s.logAdd(slotPath(sl.Key), s.objs.add(slotPath(sl.Key), iface{
+		name: SlotInterface,
+		props: map[string]any{
+			"Module":      modulePath(sl.Key.Module),
+			"SlotId":      uint64(sl.Key.ID),
+			"Description": sl.Description,
+			"Reader":      readerPath(sl.Reader),
+			"Removable":   sl.Removable,
+			"Token":       tok,
+		},
+		constant: []string{"Module", "SlotId"},
+	}))
+}
+
+// addToken exports a new generation's token, points its slot at it, and
+// announces it with TokenInserted (after InterfacesAdded, so a client that
+// reacts to the signal finds the object).
+func (s *Service) addToken(t *monitor.Token) {
+	p := tokenPath(t.Generation)
+	err := s.objs.add(p, iface{
+		name:    TokenInterface,
+		methods: &tokenObject{s: s, tok: *t},
+		props: map[string]any{
+			"Slot":         slotPath(t.Slot),
+			"Generation":   t.Generation,
+			"Label":        t.Label,
+			"Manufacturer": t.Manufacturer,
+			"Model":        t.Model,
+			"Serial":       t.Serial,
+			"Flags":        uint32(t.Flags),
+			"UsedForLogin": s.usedForLogin(t),
+		},
+		constant: []string{"Slot", "Generation", "Label", "Manufacturer", "Model", "Serial", "UsedForLogin"},
+	})
+	if s.logAdd(p, err) {
+		return
+	}
+	s.objs.set(slotPath(t.Slot), SlotInterface, "Token", p)
+	s.conn.Emit(RootPath, ManagerInterface+".TokenInserted", p, slotPath(t.Slot), t.Generation)
+}
+
+// removeToken takes a removed generation off the bus: its sessions first
+// (their owners see the objects go), then the token; its path keeps
+// answering TokenRemoved through the tombstone.
+func (s *Service) removeToken(t *monitor.Token) {
+	for _, sess := range s.sessions.ofGeneration(t.Generation) {
+		s.dropSession(sess)
+	}
+	p := tokenPath(t.Generation)
+	s.objs.remove(p)
+	s.objs.set(slotPath(t.Slot), SlotInterface, "Token", noObject)
+	s.conn.Emit(RootPath, ManagerInterface+".TokenRemoved", p, slotPath(t.Slot), t.Generation)
+}
+
+// logAdd logs a failed export; it reports whether there was one.
+func (s *Service) logAdd(p godbus.ObjectPath, err error) bool {
+	if err != nil {
+		s.log.Error("exporting object failed", "path", p, "err", err)
+		return true
+	}
+	return false
+}
+
+// manager is the Manager interface's methods.
+type manager struct{ s *Service }
+
+// Reload re-reads the configuration. The module set is fixed at start in
+// this version: Reload answers once the current snapshot is on the bus.
+func (m *manager) Reload() *godbus.Error {
+	m.s.applied.Lock()
+	m.s.applied.Unlock()
+	return nil
+}
+
+// generationOf parses the generation from a token path.
+func generationOf(p godbus.ObjectPath) (uint64, bool) {
+	g, err := strconv.ParseUint(lastElement(p), 10, 64)
+	return g, err == nil
+}

@@ -1,0 +1,279 @@
+package main
+
+import (
+	"errors"
+	"fmt"
+	"os"
+	"path/filepath"
+	"reflect"
+	"strings"
+	"testing"
+)
+
+func TestConfigParseGood(t *testing.T) {
+	def := func(edit func(c *Config)) *Config {
+		c := DefaultConfig()
+		c.Source = "slotwatch.conf"
+		if edit != nil {
+			edit(c)
+		}
+		return c
+	}
+	tests := []struct {
+		name string
+		in   string
+		want *Config
+	}{
+		{"empty", "", def(nil)},
+		{"only comments and blanks", "# a comment\n\n   # indented\n\t\n", def(nil)},
+		{"design example", `
+removal-action = none            # none | lock-screen | force-logout
+removal-scope = login-token      # login-token | any | serial:SERIAL[,SERIAL...]
+notify = false
+[module opensc]
+path = /usr/lib/x86_64-linux-gnu/pkcs11/opensc-pkcs11.so
+isolate = false                  # true: load through p11-kit remote (crash isolation)
+`, def(func(c *Config) {
+			c.Modules = []ModuleConfig{{Name: "opensc", Path: "/usr/lib/x86_64-linux-gnu/pkcs11/opensc-pkcs11.so", From: ModuleFromConfig, Source: "slotwatch.conf:5"}}
+		})},
+		{"every value set", `removal-action=force-logout
+removal-scope = any
+notify = true
+`, def(func(c *Config) {
+			c.RemovalAction = RemovalActionForceLogout
+			c.RemovalScope = RemovalScope{Kind: RemovalScopeAny}
+			c.Notify = true
+		})},
+		{"lock-screen", "removal-action = lock-screen\n", def(func(c *Config) { c.RemovalAction = RemovalActionLockScreen })},
+		{"serials trimmed and deduplicated", "removal-scope = serial: 0123 ,ABCD,0123\n", def(func(c *Config) {
+			c.RemovalScope = RemovalScope{Kind: RemovalScopeSerial, Serials: []string{"0123", "ABCD"}}
+		})},
+		{"one serial", "removal-scope = serial:42\n", def(func(c *Config) {
+			c.RemovalScope = RemovalScope{Kind: RemovalScopeSerial, Serials: []string{"42"}}
+		})},
+		{"two modules, isolate, cleaned path, CRLF, BOM", "\ufeffnotify = true\r\n[module a]\r\npath = /opt//a/../a/liba.so\r\n[ module  b_2-x ]\r\nisolate = true\r\npath=/opt/b.so\r\n", def(func(c *Config) {
+			c.Notify = true
+			c.Modules = []ModuleConfig{
+				{Name: "a", Path: "/opt/a/liba.so", From: ModuleFromConfig, Source: "slotwatch.conf:2"},
+				{Name: "b_2-x", Path: "/opt/b.so", Isolate: true, From: ModuleFromConfig, Source: "slotwatch.conf:4"},
+			}
+		})},
+		{"hash inside a value is not a comment", "[module a]\npath = /opt/a#1/a.so # but this is\n", def(func(c *Config) {
+			c.Modules = []ModuleConfig{{Name: "a", Path: "/opt/a#1/a.so", From: ModuleFromConfig, Source: "slotwatch.conf:1"}}
+		})},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			got, err := ParseConfig(strings.NewReader(tt.in), "slotwatch.conf")
+			if err != nil {
+				t.Fatalf("ParseConfig: %v", err)
+			}
+			if !reflect.DeepEqual(got, tt.want) {
+				t.Errorf("ParseConfig =\n%+v\nwant\n%+v", got, tt.want)
+			}
+		})
+	}
+}
+
+func TestConfigParseBad(t *testing.T) {
+	tests := []struct {
+		name string
+		in   string
+		line int
+		msg  string // a substring of the message
+	}{
+		{"unknown key", "notify = true\n\n# x\nfoo = bar\n", 4, `unknown key "foo" (known: removal-action, removal-scope, notify)`},
+		{"unknown module key", "[module a]\npath = /a.so\nlibrary = /b.so\n", 3, `unknown key "library" in [module a] (known: path, isolate)`},
+		{"top-level key in a section", "[module a]\npath = /a.so\nnotify = true\n", 3, `key "notify" is not a module key; top-level keys go before the first [module] section`},
+		{"no equals sign", "notify true\n", 1, `expected "key = value", "[module NAME]" or a comment, got "notify true"`},
+		{"p11-kit syntax", "[module a]\npath: /a.so\n", 2, `expected "key = value"`},
+		{"missing key", "= true\n", 1, `missing key before "="`},
+		{"bad removal-action", "removal-action = lock\n", 1, `bad value "lock" for removal-action (want none, lock-screen or force-logout)`},
+		{"empty removal-action", "removal-action =\n", 1, `bad value "" for removal-action`},
+		{"values are case sensitive", "removal-action = None\n", 1, `bad value "None" for removal-action`},
+		{"bad removal-scope", "removal-scope = serials:1\n", 1, `bad value "serials:1" for removal-scope (want login-token, any or serial:SERIAL[,SERIAL...])`},
+		{"serial without serials", "removal-scope = serial:\n", 1, `empty serial in removal-scope "serial:"`},
+		{"empty serial in list", "removal-scope = serial:1,,2\n", 1, `empty serial in removal-scope`},
+		{"bare serial", "removal-scope = serial\n", 1, `bad value "serial" for removal-scope`},
+		{"bad bool", "notify = yes\n", 1, `bad value "yes" for notify (want true or false)`},
+		{"bad isolate", "[module a]\nisolate = 1\n", 2, `bad value "1" for isolate (want true or false)`},
+		{"duplicate key", "notify = true\nremoval-action = none\nnotify = false\n", 3, `duplicate key "notify" (first set on line 1)`},
+		{"duplicate module key", "[module a]\npath = /a.so\n\npath = /b.so\n", 4, `duplicate key "path" in [module a] (first set on line 2)`},
+		{"duplicate section", "[module a]\npath = /a.so\n[module b]\npath = /b.so\n[module a]\npath = /c.so\n", 5, `duplicate section [module a] (first on line 1)`},
+		{"same library twice", "[module a]\npath = /x/a.so\n[module b]\npath = /x/./a.so\n", 4, `[module b] loads the same library as [module a] (slotwatch.conf:1)`},
+		{"missing path", "[module a]\nisolate = true\n[module b]\npath = /b.so\n", 1, `section [module a] has no "path"`},
+		{"missing path in last section", "[module a]\npath = /a.so\n\n[module b]\n", 4, `section [module b] has no "path"`},
+		{"relative path", "[module a]\npath = pkcs11/a.so\n", 2, `path "pkcs11/a.so" in [module a] is not absolute`},
+		{"empty path", "[module a]\npath =\n", 2, `empty path in [module a]`},
+		{"unknown section", "[modules a]\n", 1, `unknown section [modules a] (known: [module NAME])`},
+		{"section without name", "[module]\n", 1, `section [module] needs a name`},
+		{"section with two names", "[module a b]\n", 1, `section [module a b] has more than one name`},
+		{"empty section", "[]\n", 1, `empty section header`},
+		{"unclosed section", "notify = true\n[module a\n", 2, `malformed section header "[module a"`},
+		{"bad module name", "[module open.sc]\n", 1, `invalid module name "open.sc": use only letters, digits, "-" and "_"`},
+		{"module name with slash", "[module a/b]\n", 1, `invalid module name "a/b"`},
+		{"line too long", "notify = true\n" + strings.Repeat("x", 70000) + "\n", 2, "line too long"},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			cfg, err := ParseConfig(strings.NewReader(tt.in), "slotwatch.conf")
+			if err == nil {
+				t.Fatalf("ParseConfig = %+v, want an error", cfg)
+			}
+			var ce *ConfigError
+			if !errors.As(err, &ce) {
+				t.Fatalf("error %v (%T) is not a *ConfigError", err, err)
+			}
+			if ce.File != "slotwatch.conf" || ce.Line != tt.line {
+				t.Errorf("error at %s:%d, want slotwatch.conf:%d: %v", ce.File, ce.Line, tt.line, err)
+			}
+			prefix := fmt.Sprintf("slotwatch.conf:%d: ", tt.line)
+			if !strings.HasPrefix(err.Error(), prefix) {
+				t.Errorf("error %q does not start with %q", err, prefix)
+			}
+			if !strings.Contains(err.Error(), tt.msg) {
+				t.Errorf("error %q does not contain %q", err, tt.msg)
+			}
+		})
+	}
+}
+
+func TestConfigRemovalScope(t *testing.T) {
+	tests := []struct {
+		scope     string
+		serial    string
+		login     bool
+		want      bool
+		wantSpell string
+	}{
+		{"login-token", "1", true, true, "login-token"},
+		{"login-token", "1", false, false, "login-token"},
+		{"any", "1", false, true, "any"},
+		{"serial:1,2", "2", false, true, "serial:1,2"},
+		{"serial:1,2", "2   ", false, true, "serial:1,2"}, // PKCS#11 pads serials with blanks
+		{"serial:1,2", "3", true, false, "serial:1,2"},
+	}
+	for _, tt := range tests {
+		s, err := parseRemovalScope(tt.scope)
+		if err != nil {
+			t.Fatalf("parseRemovalScope(%q): %v", tt.scope, err)
+		}
+		if got := s.Covers(tt.serial, tt.login); got != tt.want {
+			t.Errorf("%q.Covers(%q, %v) = %v, want %v", tt.scope, tt.serial, tt.login, got, tt.want)
+		}
+		if got := s.String(); got != tt.wantSpell {
+			t.Errorf("%q.String() = %q, want %q", tt.scope, got, tt.wantSpell)
+		}
+	}
+}
+
+func writeConfigFile(t *testing.T, path, content string) {
+	t.Helper()
+	if err := os.MkdirAll(filepath.Dir(path), 0o755); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(path, []byte(content), 0o644); err != nil {
+		t.Fatal(err)
+	}
+}
+
+func TestConfigLoad(t *testing.T) {
+	dir := t.TempDir()
+	xdg := filepath.Join(dir, "xdg")
+	home := filepath.Join(dir, "home")
+	system := filepath.Join(dir, "etc", "slotwatch", "slotwatch.conf")
+	old := systemConfigFile
+	systemConfigFile = system
+	t.Cleanup(func() { systemConfigFile = old })
+	t.Setenv("HOME", home)
+	t.Setenv("XDG_CONFIG_HOME", xdg)
+
+	userFile := filepath.Join(xdg, "slotwatch", "slotwatch.conf")
+	if got, want := ConfigSearchPath(), []string{userFile, system}; !reflect.DeepEqual(got, want) {
+		t.Fatalf("ConfigSearchPath = %q, want %q", got, want)
+	}
+
+	// Neither file: the defaults.
+	cfg, err := LoadConfig("")
+	if err != nil {
+		t.Fatalf("LoadConfig with no files: %v", err)
+	}
+	if want := DefaultConfig(); !reflect.DeepEqual(cfg, want) || cfg.Source != "" {
+		t.Errorf("LoadConfig with no files = %+v, want the defaults %+v", cfg, want)
+	}
+
+	// Only the system file.
+	writeConfigFile(t, system, "removal-action = lock-screen\n")
+	cfg, err = LoadConfig("")
+	if err != nil || cfg.RemovalAction != RemovalActionLockScreen || cfg.Source != system {
+		t.Errorf("LoadConfig with a system file = %+v, %v; want lock-screen from %s", cfg, err, system)
+	}
+
+	// The user's file wins, whole (no merging with the system file).
+	writeConfigFile(t, userFile, "notify = true\n")
+	cfg, err = LoadConfig("")
+	if err != nil || !cfg.Notify || cfg.RemovalAction != RemovalActionNone || cfg.Source != userFile {
+		t.Errorf("LoadConfig with a user file = %+v, %v; want notify and no removal action from %s", cfg, err, userFile)
+	}
+
+	// A relative XDG_CONFIG_HOME is ignored: ~/.config.
+	t.Setenv("XDG_CONFIG_HOME", "relative/dir")
+	homeFile := filepath.Join(home, ".config", "slotwatch", "slotwatch.conf")
+	if got := ConfigSearchPath()[0]; got != homeFile {
+		t.Errorf("with a relative XDG_CONFIG_HOME, ConfigSearchPath()[0] = %q, want %q", got, homeFile)
+	}
+	writeConfigFile(t, homeFile, "removal-scope = any\n")
+	cfg, err = LoadConfig("")
+	if err != nil || cfg.RemovalScope.Kind != RemovalScopeAny || cfg.Source != homeFile {
+		t.Errorf("LoadConfig from ~/.config = %+v, %v", cfg, err)
+	}
+
+	// A broken file found by the search is an error naming it and the line,
+	// not a silent fall-through to the next one.
+	writeConfigFile(t, homeFile, "notify = true\nbogus = 1\n")
+	_, err = LoadConfig("")
+	if err == nil || !strings.HasPrefix(err.Error(), homeFile+":2: ") {
+		t.Errorf("LoadConfig with a broken user file: %v, want an error at %s:2", err, homeFile)
+	}
+
+	// An explicit path.
+	explicit := filepath.Join(dir, "explicit.conf")
+	writeConfigFile(t, explicit, "[module x]\npath = /x.so\n")
+	cfg, err = LoadConfig(explicit)
+	if err != nil || len(cfg.Modules) != 1 || cfg.Source != explicit {
+		t.Errorf("LoadConfig(%s) = %+v, %v", explicit, cfg, err)
+	}
+
+	// An explicit path that is missing is an error, even though the
+	// search path has files.
+	missing := filepath.Join(dir, "missing.conf")
+	_, err = LoadConfig(missing)
+	if err == nil || !errors.Is(err, os.ErrNotExist) || !strings.Contains(err.Error(), missing) {
+		t.Errorf("LoadConfig(missing) = %v, want a not-exist error naming %s", err, missing)
+	}
+
+	// A directory is not a config file.
+	_, err = LoadConfig(dir)
+	if err == nil || !strings.Contains(err.Error(), "is a directory") {
+		t.Errorf("LoadConfig(dir) = %v, want an error", err)
+	}
+}
+
+// The installed default config must parse to exactly the built-in defaults.
+func TestConfigPackagedDefault(t *testing.T) {
+	path := filepath.Join("..", "packaging", "slotwatch.conf")
+	f, err := os.Open(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	cfg, err := ParseConfig(f, path)
+	if err != nil {
+		t.Fatalf("the packaged config does not parse: %v", err)
+	}
+	want := DefaultConfig()
+	want.Source = path
+	if !reflect.DeepEqual(cfg, want) {
+		t.Errorf("packaged config = %+v, want the defaults %+v", cfg, want)
+	}
+}

@@ -1,0 +1,255 @@
+package main
+
+import (
+	"bufio"
+	"bytes"
+	"context"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"reflect"
+	"slices"
+	"strings"
+	"testing"
+	"time"
+
+	godbus "github.com/godbus/dbus/v5"
+
+	"github.com/slotwatch/slotwatch/tests/stack"
+)
+
+const installBusName = "io.github.slotwatch.Slotwatch1"
+
+// TestInstall runs "make install" into a staging directory, as a package
+// build would, and checks what lands there.
+func TestInstall(t *testing.T) {
+	if _, err := exec.LookPath("make"); err != nil {
+		t.Skip("make is not installed; cannot test the install target")
+	}
+	root, err := filepath.Abs("..")
+	if err != nil {
+		t.Fatal(err)
+	}
+	dest := t.TempDir()
+	runMakeInstall(t, root, dest)
+
+	// The binary.
+	bin := filepath.Join(dest, "usr/bin/slotwatch")
+	if fi, err := os.Stat(bin); err != nil || !fi.Mode().IsRegular() || fi.Mode().Perm() != 0o755 {
+		t.Errorf("binary %s: %v, %v; want a regular file with mode 0755", bin, fi, err)
+	}
+
+	// The user unit, with @bindir@ filled in.
+	unitPath := filepath.Join(dest, "usr/lib/systemd/user/slotwatch.service")
+	unitText := readInstalled(t, unitPath, 0o644)
+	if strings.Contains(unitText, "@") {
+		t.Errorf("%s still has an @...@ placeholder:\n%s", unitPath, unitText)
+	}
+	unit := parseIniForInstallTest(t, unitPath, unitText, false)
+	for _, kv := range [][3]string{
+		{"Service", "ExecStart", "/usr/bin/slotwatch serve"},
+		{"Service", "Type", "notify"},
+		{"Service", "BusName", installBusName},
+		{"Service", "WatchdogSec", "30s"},
+		{"Service", "Restart", "on-failure"},
+		{"Install", "WantedBy", "default.target"},
+	} {
+		if got := unit[kv[0]][kv[1]]; !slices.Equal(got, []string{kv[2]}) {
+			t.Errorf("%s: [%s] %s = %q, want %q", unitPath, kv[0], kv[1], got, kv[2])
+		}
+	}
+
+	// The D-Bus activation file goes through that unit.
+	actPath := filepath.Join(dest, "usr/share/dbus-1/services", installBusName+".service")
+	act := parseIniForInstallTest(t, actPath, readInstalled(t, actPath, 0o644), true)
+	want := map[string]map[string][]string{"D-BUS Service": {
+		"Name":           {installBusName},
+		"Exec":           {"/bin/false"},
+		"SystemdService": {filepath.Base(unitPath)},
+	}}
+	if !reflect.DeepEqual(act, want) {
+		t.Errorf("%s = %q, want %q", actPath, act, want)
+	}
+
+	// Every interface XML, unchanged.
+	xmls, err := filepath.Glob(filepath.Join(root, "xml", "*.xml"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(xmls) == 0 {
+		t.Log("xml/ has no *.xml files yet; nothing to check under dbus-1/interfaces")
+	}
+	for _, src := range xmls {
+		dst := filepath.Join(dest, "usr/share/dbus-1/interfaces", filepath.Base(src))
+		if got, want := readInstalled(t, dst, 0o644), readFileForInstallTest(t, src); got != want {
+			t.Errorf("%s differs from %s", dst, src)
+		}
+	}
+
+	// The default config: the packaged file, and it means the defaults.
+	confPath := filepath.Join(dest, "etc/slotwatch/slotwatch.conf")
+	confText := readInstalled(t, confPath, 0o644)
+	if confText != readFileForInstallTest(t, filepath.Join(root, "packaging/slotwatch.conf")) {
+		t.Errorf("%s differs from packaging/slotwatch.conf", confPath)
+	}
+	cfg, err := ParseConfig(strings.NewReader(confText), confPath)
+	if err != nil {
+		t.Errorf("installed config: %v", err)
+	} else if d := DefaultConfig(); cfg.RemovalAction != d.RemovalAction || !reflect.DeepEqual(cfg.RemovalScope, d.RemovalScope) || cfg.Notify != d.Notify || len(cfg.Modules) != 0 {
+		t.Errorf("installed config = %+v, want the defaults", cfg)
+	}
+
+	// Installing again keeps an edited config.
+	edited := confText + "notify = true\n"
+	if err := os.WriteFile(confPath, []byte(edited), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	runMakeInstall(t, root, dest)
+	if got := readFileForInstallTest(t, confPath); got != edited {
+		t.Errorf("a second make install overwrote the edited %s", confPath)
+	}
+
+	t.Run("systemd-analyze", func(t *testing.T) { verifyUnitForInstallTest(t, unitText, bin) })
+	t.Run("dbus-daemon", func(t *testing.T) { checkActivatableForInstallTest(t, filepath.Dir(actPath)) })
+}
+
+func runMakeInstall(t *testing.T, root, dest string) {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Minute)
+	defer cancel()
+	cmd := exec.CommandContext(ctx, "make", "--no-print-directory", "-C", root, "install", "DESTDIR="+dest, "PREFIX=/usr")
+	if goBin, err := exec.LookPath("go"); err == nil {
+		cmd.Args = append(cmd.Args, "GO="+goBin) // the go that runs this test
+	}
+	// A make or go build started by an outer make must not join its jobserver.
+	cmd.Env = append(os.Environ(), "MAKEFLAGS=", "MFLAGS=", "MAKELEVEL=")
+	out, err := cmd.CombinedOutput()
+	if err != nil {
+		t.Fatalf("%s: %v\n%s", strings.Join(cmd.Args, " "), err, out)
+	}
+	t.Logf("%s:\n%s", strings.Join(cmd.Args, " "), out)
+}
+
+func readFileForInstallTest(t *testing.T, path string) string {
+	t.Helper()
+	b, err := os.ReadFile(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return string(b)
+}
+
+// readInstalled reads an installed file and checks its mode.
+func readInstalled(t *testing.T, path string, perm os.FileMode) string {
+	t.Helper()
+	fi, err := os.Stat(path)
+	if err != nil {
+		t.Fatalf("not installed: %v", err)
+	}
+	if fi.Mode().Perm() != perm {
+		t.Errorf("%s has mode %v, want %v", path, fi.Mode().Perm(), perm)
+	}
+	return readFileForInstallTest(t, path)
+}
+
+// parseIniForInstallTest reads a systemd unit or D-Bus .service file:
+// [Section] headers, Key=Value lines, "#" (and for units ";") comments on
+// lines of their own. Repeated keys accumulate. strict: every line must
+// be one of those (D-Bus's parser has no continuation lines either).
+func parseIniForInstallTest(t *testing.T, name, text string, strict bool) map[string]map[string][]string {
+	t.Helper()
+	out := map[string]map[string][]string{}
+	section := ""
+	sc := bufio.NewScanner(strings.NewReader(text))
+	for n := 1; sc.Scan(); n++ {
+		line := strings.TrimSpace(sc.Text())
+		switch {
+		case line == "" || line[0] == '#' || (!strict && line[0] == ';'):
+		case line[0] == '[' && strings.HasSuffix(line, "]"):
+			section = line[1 : len(line)-1]
+			if out[section] == nil {
+				out[section] = map[string][]string{}
+			}
+		default:
+			k, v, ok := strings.Cut(line, "=")
+			if !ok || section == "" || strings.HasSuffix(line, `\`) {
+				t.Errorf("%s:%d: unexpected line %q", name, n, line)
+				continue
+			}
+			k = strings.TrimSpace(k)
+			out[section][k] = append(out[section][k], strings.TrimSpace(v))
+		}
+	}
+	return out
+}
+
+// verifyUnitForInstallTest runs systemd-analyze verify --user on the
+// installed unit. ExecStart points at /usr/bin/slotwatch, which is not
+// there outside DESTDIR, so the copy verified runs the staged binary; any
+// complaint about the unit (unknown key, unparsable value, bad ExecStart)
+// fails the test.
+func verifyUnitForInstallTest(t *testing.T, unitText, bin string) {
+	sa, err := exec.LookPath("systemd-analyze")
+	if err != nil {
+		t.Skip("systemd-analyze is not installed; the unit is not verified")
+	}
+	dir := t.TempDir()
+	unit := filepath.Join(dir, "slotwatch.service")
+	text := strings.Replace(unitText, "ExecStart=/usr/bin/slotwatch ", "ExecStart="+bin+" ", 1)
+	if err := os.WriteFile(unit, []byte(text), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	runDir := filepath.Join(dir, "runtime") // a user manager needs XDG_RUNTIME_DIR
+	if err := os.Mkdir(runDir, 0o700); err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	cmd := exec.CommandContext(ctx, sa, "verify", "--user", "--man=no", unit)
+	cmd.Env = append(os.Environ(), "XDG_RUNTIME_DIR="+runDir, "SYSTEMD_LOG_COLOR=0")
+	var out bytes.Buffer
+	cmd.Stdout, cmd.Stderr = &out, &out
+	err = cmd.Run()
+	var ours []string
+	for _, l := range strings.Split(out.String(), "\n") {
+		if strings.Contains(l, "slotwatch.service") {
+			ours = append(ours, l)
+		}
+	}
+	if len(ours) > 0 {
+		t.Errorf("systemd-analyze verify --user complains about the unit:\n%s", strings.Join(ours, "\n"))
+	}
+	if err != nil && len(ours) == 0 {
+		// Not about our unit: this machine cannot run a user manager
+		// for verification (no user session, sandboxed container...).
+		t.Skipf("systemd-analyze verify --user could not check the unit here (%v):\n%s", err, out.String())
+	}
+	if err == nil {
+		t.Logf("systemd-analyze verify --user: unit OK%s", strings.TrimRight("\n"+out.String(), "\n"))
+	}
+}
+
+// checkActivatableForInstallTest starts a private dbus-daemon whose only
+// service directory is the installed one and checks the bus lists our
+// name as activatable (it parsed the file), without activating it.
+func checkActivatableForInstallTest(t *testing.T, servicesDir string) {
+	if _, err := exec.LookPath("dbus-daemon"); err != nil {
+		t.Skip("dbus-daemon is not installed; the activation file is not checked")
+	}
+	bus := stack.StartDBusForTest(t, servicesDir)
+	conn, err := godbus.Connect(bus.Address)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer conn.Close()
+	var names []string
+	if err := conn.BusObject().Call("org.freedesktop.DBus.ListActivatableNames", 0).Store(&names); err != nil {
+		t.Fatal(err)
+	}
+	if !slices.Contains(names, installBusName) {
+		t.Errorf("activatable names %q lack %s\n--- dbus-daemon log ---\n%s", names, installBusName, bus.Log())
+	}
+	if log := bus.Log(); strings.Contains(log, installBusName) {
+		t.Errorf("dbus-daemon complains about the activation file:\n%s", log)
+	}
+}

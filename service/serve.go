@@ -1,0 +1,191 @@
+package main
+
+import (
+	"context"
+	"errors"
+	"flag"
+	"fmt"
+	"log/slog"
+	"os"
+	"os/signal"
+	"syscall"
+	"time"
+
+	"github.com/coreos/go-systemd/v22/daemon"
+	godbus "github.com/godbus/dbus/v5"
+
+	"github.com/slotwatch/slotwatch/dbusapi"
+	"github.com/slotwatch/slotwatch/module"
+	"github.com/slotwatch/slotwatch/monitor"
+)
+
+// version is set at build time (-ldflags "-X main.version=...").
+var version = "0.1.0-dev"
+
+// shutdownBudget is how long SIGTERM may take, sessions and modules
+// included: systemd and the session manager wait for us.
+const shutdownBudget = 2 * time.Second
+
+func runServe(args []string) error {
+	fs := flag.NewFlagSet("serve", flag.ContinueOnError)
+	address := fs.String("address", "", "D-Bus address to serve on (default: the session bus, DBUS_SESSION_BUS_ADDRESS)")
+	var modules stringList
+	fs.Var(&modules, "module", "watch exactly this PKCS#11 module (repeatable; no config file, no p11-kit registry)")
+	configPath := fs.String("config", "", "config file (default $XDG_CONFIG_HOME/slotwatch/slotwatch.conf, then /etc/slotwatch/slotwatch.conf)")
+	gnomeCompat := fs.String("gnome-compat", "", "also serve org.gnome.SettingsDaemon.Smartcard (not available yet)")
+	logCalls := fs.Bool("log-calls", false, "log every PKCS#11 call (PINs and secrets redacted)")
+	logLevel := fs.String("log-level", "info", "debug, info, warn or error")
+	noPCSC := fs.Bool("no-pcsc", false, "do not watch PC/SC readers")
+	if err := fs.Parse(args); err != nil {
+		return err
+	}
+	logger, err := newLogger(*logLevel, *logCalls)
+	if err != nil {
+		return err
+	}
+	if *gnomeCompat != "" {
+		return errors.New("--gnome-compat is not available in this version")
+	}
+
+	cfg, mods, warnings, err := ResolveModules(modules, *configPath)
+	if err != nil {
+		return err
+	}
+	for _, w := range warnings {
+		logger.Warn(w)
+	}
+	if len(mods) == 0 {
+		logger.Warn("no PKCS#11 module to watch: none given with --module, none in the config file or the p11-kit registry")
+	}
+	byName := map[string]*module.Module{}
+	var watched []monitor.Module
+	for _, mc := range mods {
+		opts := module.Options{Name: mc.Name}
+		if *logCalls {
+			opts.CallLog = logger.With("module", mc.Name)
+		}
+		if mc.Isolate {
+			logger.Warn("isolate = true is not available yet; loading the module in-process", "module", mc.Name)
+		}
+		m := module.Open(mc.Path, opts)
+		byName[mc.Name] = m
+		watched = append(watched, m)
+		logger.Info("watching module", "module", mc.Name, "path", mc.Path, "from", mc.From)
+	}
+	if cfg != nil && cfg.Source != "" {
+		logger.Info("config", "file", cfg.Source)
+	}
+
+	conn, err := connectBus(*address)
+	if err != nil {
+		return err
+	}
+	defer conn.Close()
+
+	mon, err := monitor.New(monitor.Config{Modules: watched, PCSC: !*noPCSC, Logger: logger})
+	if err != nil {
+		return err
+	}
+	svc := dbusapi.New(conn, mon, byName, dbusapi.Options{
+		Logger:         logger,
+		Version:        version,
+		LoginTokenName: os.Getenv("PKCS11_LOGIN_TOKEN_NAME"),
+	})
+	if err := svc.Start(); err != nil {
+		mon.Close()
+		return err
+	}
+	daemon.SdNotify(false, daemon.SdNotifyReady)
+	logger.Info("serving", "name", dbusapi.BusName, "state", mon.Snapshot().State.String())
+
+	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGTERM, syscall.SIGINT)
+	defer stop()
+	go watchdog(ctx, mon, logger)
+	<-ctx.Done()
+
+	daemon.SdNotify(false, daemon.SdNotifyStopping)
+	logger.Info("stopping")
+	done := make(chan struct{})
+	go func() {
+		svc.Close()
+		mon.Close()
+		close(done)
+	}()
+	select {
+	case <-done:
+	case <-time.After(shutdownBudget):
+		logger.Error("shutdown took longer than its budget; exiting anyway", "budget", shutdownBudget)
+	}
+	return nil
+}
+
+// connectBus connects to address, or to the session bus. Signals are
+// delivered in order (NameOwnerChanged drives session cleanup).
+func connectBus(address string) (*godbus.Conn, error) {
+	opts := []godbus.ConnOption{godbus.WithSignalHandler(godbus.NewSequentialSignalHandler())}
+	var conn *godbus.Conn
+	var err error
+	if address != "" {
+		conn, err = godbus.Connect(address, opts...)
+	} else {
+		conn, err = godbus.ConnectSessionBus(opts...)
+	}
+	if err != nil {
+		return nil, fmt.Errorf("connecting to the bus: %w", err)
+	}
+	return conn, nil
+}
+
+// watchdog pings systemd's watchdog at half its interval while the
+// monitor's loop is alive: a loop stuck in a module call stops the pings,
+// and systemd restarts the daemon.
+func watchdog(ctx context.Context, mon *monitor.Monitor, logger *slog.Logger) {
+	interval, err := daemon.SdWatchdogEnabled(false)
+	if err != nil || interval == 0 {
+		return
+	}
+	t := time.NewTicker(interval / 2)
+	defer t.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-t.C:
+		}
+		alive := make(chan struct{})
+		go func() {
+			mon.Hold()()
+			close(alive)
+		}()
+		select {
+		case <-alive:
+			daemon.SdNotify(false, daemon.SdNotifyWatchdog)
+		case <-time.After(interval / 2):
+			logger.Error("monitor loop unresponsive; not pinging the watchdog")
+		case <-ctx.Done():
+			return
+		}
+	}
+}
+
+// newLogger logs to stderr; under systemd (JOURNAL_STREAM) without
+// timestamps, which the journal adds itself.
+func newLogger(level string, logCalls bool) (*slog.Logger, error) {
+	var l slog.Level
+	if err := l.UnmarshalText([]byte(level)); err != nil {
+		return nil, fmt.Errorf("--log-level: %w", err)
+	}
+	if logCalls && l > slog.LevelDebug {
+		l = slog.LevelDebug // call logs are Debug records
+	}
+	opts := &slog.HandlerOptions{Level: l}
+	if os.Getenv("JOURNAL_STREAM") != "" {
+		opts.ReplaceAttr = func(groups []string, a slog.Attr) slog.Attr {
+			if len(groups) == 0 && a.Key == slog.TimeKey {
+				return slog.Attr{}
+			}
+			return a
+		}
+	}
+	return slog.New(slog.NewTextHandler(os.Stderr, opts)), nil
+}
