@@ -34,9 +34,27 @@ type sessionTable struct {
 	mu   sync.Mutex // guards all following fields
 	next uint64
 	byN  map[uint64]*brokered
+	// dead holds the numbers of sessions that went with their token; their
+	// paths answer TokenRemoved, while a session closed normally is just
+	// gone (UnknownObject).
+	dead map[uint64]bool
 }
 
-func newSessionTable() *sessionTable { return &sessionTable{byN: map[uint64]*brokered{}} }
+func newSessionTable() *sessionTable {
+	return &sessionTable{byN: map[uint64]*brokered{}, dead: map[uint64]bool{}}
+}
+
+func (t *sessionTable) markDead(n uint64) {
+	t.mu.Lock()
+	t.dead[n] = true
+	t.mu.Unlock()
+}
+
+func (t *sessionTable) isDead(n uint64) bool {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	return t.dead[n]
+}
 
 func (t *sessionTable) add(b *brokered) {
 	t.mu.Lock()
@@ -94,9 +112,11 @@ func (s *Service) closeSession(b *brokered, why string) error {
 
 // dropSession takes a dead generation's session off the bus without a
 // module call: its handle must never reach the module again (rule 4); the
-// monitor reclaims it once the generation drained.
+// monitor reclaims it once the generation drained. Its path then answers
+// TokenRemoved.
 func (s *Service) dropSession(b *brokered) {
 	if s.sessions.take(b) {
+		s.sessions.markDead(b.n)
 		s.objs.remove(b.path)
 	}
 }
@@ -231,7 +251,7 @@ func (t *tokenObject) InitToken(sender godbus.Sender, soPIN []byte, label string
 }
 
 func (t *tokenObject) initToken(soPIN []byte, label string, force bool) error {
-	if err := checkPIN(soPIN); err != nil {
+	if err := checkPIN(soPIN, t.tok.Flags); err != nil {
 		return err
 	}
 	if len(label) == 0 || len(label) > maxLabel || strings.ContainsRune(label, 0) {
@@ -351,9 +371,15 @@ func (o *sessionObject) refreshState() {
 	}
 }
 
-func checkPIN(pin []byte) error {
-	if len(pin) == 0 || len(pin) > maxPIN {
-		return invalidArgs("a PIN must be 1 to %d bytes, got %d", maxPIN, len(pin))
+// checkPIN validates a PIN from a client. An empty PIN means "ask the
+// reader's PIN pad", which only a token with a protected authentication
+// path has.
+func checkPIN(pin []byte, tokenFlags uint) error {
+	if len(pin) > maxPIN {
+		return invalidArgs("a PIN must be at most %d bytes, got %d", maxPIN, len(pin))
+	}
+	if len(pin) == 0 && tokenFlags&pkcs11.CKF_PROTECTED_AUTHENTICATION_PATH == 0 {
+		return invalidArgs("empty PIN, and this token has no PIN pad (CKF_PROTECTED_AUTHENTICATION_PATH)")
 	}
 	return nil
 }
@@ -362,10 +388,16 @@ func checkPIN(pin []byte) error {
 func (o *sessionObject) Login(sender godbus.Sender, userType uint32, pin []byte) *godbus.Error {
 	defer wipe(pin)
 	err := func() error {
-		if userType > pkcs11.CKU_CONTEXT_SPECIFIC {
+		switch userType {
+		case pkcs11.CKU_SO, pkcs11.CKU_USER:
+		case pkcs11.CKU_CONTEXT_SPECIFIC:
+			// It has to come between C_SignInit and C_Sign, which Sign
+			// makes in one call.
+			return namedError(ErrNotSupported, "context-specific login is not offered in this version")
+		default:
 			return invalidArgs("unknown user type %d (0 SO, 1 user, 2 context specific)", userType)
 		}
-		if err := checkPIN(pin); err != nil {
+		if err := checkPIN(pin, o.b.tok.Flags); err != nil {
 			return err
 		}
 		release, err := o.begin(sender)
@@ -567,11 +599,4 @@ func signMechanism(m uint32) (*pkcs11.Mechanism, error) {
 		return pkcs11.NewMechanism(uint(m), pkcs11.NewPSSParams(pkcs11.CKM_SHA256, pkcs11.CKG_MGF1_SHA256, 32)), nil
 	}
 	return nil, namedError(ErrNotSupported, "mechanism 0x%x is not offered (CKM_ECDSA, CKM_ECDSA_SHA256, CKM_RSA_PKCS, CKM_SHA256_RSA_PKCS, CKM_RSA_PKCS_PSS, CKM_SHA256_RSA_PKCS_PSS are)", m)
-}
-
-// issued is the highest session number handed out.
-func (t *sessionTable) issued() uint64 {
-	t.mu.Lock()
-	defer t.mu.Unlock()
-	return t.next
 }

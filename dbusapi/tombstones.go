@@ -32,15 +32,15 @@ func (s *Service) exportTombstones() error {
 }
 
 // dead answers for a path under a tombstone: TokenRemoved for a
-// generation or session number slotwatch handed out, UnknownObject for one
-// it never did.
+// generation slotwatch handed out or a session that went with its token,
+// UnknownObject otherwise (never issued, or a session closed normally).
 func (s *Service) dead(msg godbus.Message) *godbus.Error {
 	path, _ := msg.Headers[godbus.FieldPath].Value().(godbus.ObjectPath)
 	n, ok := generationOf(path)
 	parent := path[:len(path)-len(lastElement(path))-1]
 	switch {
 	case ok && parent == tokensPath && n > 0 && n <= s.mon.Snapshot().LastGeneration:
-	case ok && parent == sessionsPath && n > 0 && n <= s.sessions.issued():
+	case ok && parent == sessionsPath && s.sessions.isDead(n):
 	default:
 		return godbus.NewError("org.freedesktop.DBus.Error.UnknownObject", []any{"no object at " + string(path)})
 	}
