@@ -1,0 +1,271 @@
+package tests
+
+import (
+	"fmt"
+	"math/rand/v2"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"runtime"
+	"slices"
+	"strconv"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	godbus "github.com/godbus/dbus/v5"
+
+	"github.com/slotwatch/slotwatch/tests/stack"
+	"github.com/slotwatch/slotwatch/tests/vcard"
+)
+
+// Benchmarks run the daemon built without the race detector (what users
+// run), and print every figure next to a baseline measured in the same run.
+//
+//	make bench    (or: go test -run '^$' -bench . -benchtime 20x ./tests/)
+
+var (
+	fastOnce sync.Once
+	fastBin  string
+	fastErr  error
+)
+
+func slotwatchFastBin(b *testing.B) string {
+	b.Helper()
+	fastOnce.Do(func() {
+		fastBin = filepath.Join(testDir, "slotwatch-norace")
+		goBin := filepath.Join(runtime.GOROOT(), "bin", "go")
+		if out, err := exec.Command(goBin, "build", "-o", fastBin, "../service").CombinedOutput(); err != nil {
+			fastErr = fmt.Errorf("go build: %v\n%s", err, out)
+		}
+	})
+	if fastErr != nil {
+		b.Fatal(fastErr)
+	}
+	return fastBin
+}
+
+// benchDaemon runs the daemon for a benchmark and waits for its name.
+func benchDaemon(b *testing.B, bus *stack.DBus, env []string, args ...string) *exec.Cmd {
+	b.Helper()
+	cmd := exec.Command(slotwatchFastBin(b), append([]string{"serve", "--address", bus.Address, "--log-level", "warn"}, args...)...)
+	cmd.Env = append(os.Environ(), env...)
+	if err := cmd.Start(); err != nil {
+		b.Fatal(err)
+	}
+	b.Cleanup(func() { cmd.Process.Signal(os.Interrupt); cmd.Wait() })
+	conn, err := godbus.Connect(bus.Address)
+	if err != nil {
+		b.Fatal(err)
+	}
+	defer conn.Close()
+	for start := time.Now(); time.Since(start) < 15*time.Second; time.Sleep(20 * time.Millisecond) {
+		var has bool
+		if conn.BusObject().Call("org.freedesktop.DBus.NameHasOwner", 0, busName).Store(&has) == nil && has {
+			return cmd
+		}
+	}
+	b.Fatal("daemon did not start")
+	return nil
+}
+
+// echo is the baseline: the cheapest possible godbus method, on the same
+// bus, so the ratio shows what slotwatch adds to a round trip.
+type echo struct{}
+
+func (echo) Echo(s string) (string, *godbus.Error) { return s, nil }
+
+// BenchmarkDBusCalls: calls per second for Manager.Version (a property Get)
+// and for OpenSession+Close on a SoftHSM2 token, against a bare godbus echo
+// method on the same bus.
+func BenchmarkDBusCalls(b *testing.B) {
+	hsm, err := stack.NewSoftHSM(b.TempDir())
+	if err != nil {
+		b.Fatal(err)
+	}
+	if err := hsm.InitToken(hsmLabel, hsmSO, hsmPIN); err != nil {
+		b.Fatal(err)
+	}
+	bus, err := stack.StartDBus(b.TempDir(), "")
+	if err != nil {
+		b.Fatal(err)
+	}
+	b.Cleanup(func() { bus.Stop() })
+	benchDaemon(b, bus, hsm.Env(), "--module", stack.SoftHSMModule, "--no-pcsc")
+
+	server, err := godbus.Connect(bus.Address)
+	if err != nil {
+		b.Fatal(err)
+	}
+	defer server.Close()
+	server.Export(echo{}, "/echo", "test.Echo")
+	client, err := godbus.Connect(bus.Address)
+	if err != nil {
+		b.Fatal(err)
+	}
+	defer client.Close()
+	echoObj := client.Object(server.Names()[0], "/echo")
+	root := client.Object(busName, rootPath)
+	var tok godbus.ObjectPath
+	for start := time.Now(); tok == "" && time.Since(start) < 10*time.Second; time.Sleep(50 * time.Millisecond) {
+		var objs map[godbus.ObjectPath]map[string]map[string]godbus.Variant
+		root.Call("org.freedesktop.DBus.ObjectManager.GetManagedObjects", 0).Store(&objs)
+		for p, ifs := range objs {
+			if ifs[tokIface]["Label"].Value() == hsmLabel {
+				tok = p
+			}
+		}
+	}
+	if tok == "" {
+		b.Fatal("no SoftHSM token on the bus")
+	}
+	tokObj := client.Object(busName, tok)
+
+	const calls = 2000
+	rate := func(f func() error) float64 {
+		start := time.Now()
+		for range calls {
+			if err := f(); err != nil {
+				b.Fatal(err)
+			}
+		}
+		return calls / time.Since(start).Seconds()
+	}
+	b.ResetTimer()
+	var echoRate, getRate, openRate float64
+	for range b.N {
+		echoRate = rate(func() error { return echoObj.Call("test.Echo.Echo", 0, "x").Err })
+		getRate = rate(func() error {
+			_, err := root.GetProperty(mgrIface + ".Version")
+			return err
+		})
+		openRate = rate(func() error {
+			var p godbus.ObjectPath
+			if err := tokObj.Call(tokIface+".OpenSession", 0, false).Store(&p); err != nil {
+				return err
+			}
+			return client.Object(busName, p).Call(sesIface+".Close", 0).Err
+		})
+	}
+	b.StopTimer()
+	b.ReportMetric(echoRate, "echo-calls/s")
+	b.ReportMetric(getRate, "get-calls/s")
+	b.ReportMetric(getRate/echoRate, "get/echo")
+	b.ReportMetric(openRate, "open+close/s")
+	b.ReportMetric(openRate/echoRate, "open+close/echo")
+}
+
+// BenchmarkInsertToSignal: over jittered insert cycles of a virtual card,
+// when a raw SCardGetStatusChange observer (the baseline, same run) and a
+// D-Bus subscriber (TokenInserted) see the insertion, counted from the
+// moment the card connected.
+func BenchmarkInsertToSignal(b *testing.B) {
+	pcscd, err := stack.StartPCSCD(stack.PCSCDConfig{Socket: pcscSocket, Dir: b.TempDir()})
+	if err != nil {
+		b.Fatal(err)
+	}
+	b.Cleanup(func() { pcscd.Stop() })
+	bus, err := stack.StartDBus(b.TempDir(), "")
+	if err != nil {
+		b.Fatal(err)
+	}
+	b.Cleanup(func() { bus.Stop() })
+	daemonCmd := benchDaemon(b, bus, nil, "--module", stack.OpenSCModule)
+	reader := pcscd.Readers()[0]
+	obs, err := stack.NewObserver([]string{reader})
+	if err != nil {
+		b.Fatal(err)
+	}
+	defer obs.Close()
+	conn, err := godbus.Connect(bus.Address, godbus.WithSignalHandler(godbus.NewSequentialSignalHandler()))
+	if err != nil {
+		b.Fatal(err)
+	}
+	defer conn.Close()
+	conn.AddMatchSignal(godbus.WithMatchSender(busName), godbus.WithMatchMember("TokenInserted"))
+	sigs := make(chan *godbus.Signal, 100)
+	conn.Signal(sigs)
+	card := vcard.New(pcscd.Addr(0), vcard.Profile{Label: "Bench Card", Serial: "be0c0001"})
+	defer card.Close()
+
+	var raw, sub, added []time.Duration
+	b.ResetTimer()
+	for range b.N {
+		time.Sleep(time.Duration(rand.IntN(400)) * time.Millisecond)
+		start := time.Now()
+		if err := card.Insert(); err != nil {
+			b.Fatal(err)
+		}
+		seen, err := obs.WaitFor(reader, func(c stack.ObservedChange) bool { return c.Present }, 5*time.Second)
+		if err != nil {
+			b.Fatal(err)
+		}
+		select {
+		case <-sigs:
+			got := time.Now()
+			raw = append(raw, seen.Time.Sub(start))
+			sub = append(sub, got.Sub(start))
+			added = append(added, got.Sub(seen.Time))
+		case <-time.After(5 * time.Second):
+			b.Fatal("no TokenInserted")
+		}
+		time.Sleep(time.Duration(rand.IntN(400)) * time.Millisecond)
+		card.Remove()
+		if _, err := obs.WaitFor(reader, func(c stack.ObservedChange) bool { return !c.Present }, 5*time.Second); err != nil {
+			b.Fatal(err)
+		}
+	}
+	b.StopTimer()
+	b.ReportMetric(quantile(raw, 0.5), "pcsc-median-ms")
+	b.ReportMetric(quantile(raw, 0.9), "pcsc-p90-ms")
+	b.ReportMetric(quantile(sub, 0.5), "signal-median-ms")
+	b.ReportMetric(quantile(sub, 0.9), "signal-p90-ms")
+	b.ReportMetric(quantile(added, 0.5), "added-median-ms")
+	b.ReportMetric(quantile(added, 0.9), "added-p90-ms")
+
+	// Idle cost with a card present: context switches of the daemon's
+	// process over a quiet period are its wake-ups.
+	if err := card.Insert(); err != nil {
+		b.Fatal(err)
+	}
+	<-sigs
+	time.Sleep(500 * time.Millisecond)
+	const quiet = 5 * time.Second
+	before := ctxSwitches(b, daemonCmd.Process.Pid)
+	time.Sleep(quiet)
+	after := ctxSwitches(b, daemonCmd.Process.Pid)
+	b.ReportMetric(float64(after-before)/quiet.Seconds(), "idle-wakeups/s")
+}
+
+func quantile(ds []time.Duration, q float64) float64 {
+	s := slices.Clone(ds)
+	slices.Sort(s)
+	return float64(s[int(q*float64(len(s)-1))].Microseconds()) / 1000
+}
+
+// ctxSwitches sums the voluntary and involuntary context switches of every
+// thread of pid.
+func ctxSwitches(b *testing.B, pid int) int {
+	b.Helper()
+	tasks, err := os.ReadDir(fmt.Sprintf("/proc/%d/task", pid))
+	if err != nil {
+		b.Fatal(err)
+	}
+	total := 0
+	for _, t := range tasks {
+		data, err := os.ReadFile(fmt.Sprintf("/proc/%d/task/%s/status", pid, t.Name()))
+		if err != nil {
+			continue
+		}
+		for _, line := range strings.Split(string(data), "\n") {
+			for _, key := range []string{"voluntary_ctxt_switches:", "nonvoluntary_ctxt_switches:"} {
+				if v, ok := strings.CutPrefix(line, key); ok {
+					n, _ := strconv.Atoi(strings.TrimSpace(v))
+					total += n
+				}
+			}
+		}
+	}
+	return total
+}
