@@ -1,0 +1,76 @@
+package tests
+
+import (
+	"net"
+	"path/filepath"
+	"strings"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/slotwatch/slotwatch/tests/stack"
+)
+
+// TestSdNotify: under a (fake) service manager the daemon says READY=1 once
+// its objects are on the bus, and STOPPING=1 on SIGTERM.
+func TestSdNotify(t *testing.T) {
+	sock := filepath.Join(t.TempDir(), "notify")
+	l, err := net.ListenUnixgram("unixgram", &net.UnixAddr{Name: sock, Net: "unixgram"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer l.Close()
+	hsm, err := stack.NewSoftHSM(t.TempDir())
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := hsm.InitToken(hsmLabel, hsmSO, hsmPIN); err != nil {
+		t.Fatal(err)
+	}
+	bus := stack.StartDBusForTest(t, "")
+	d := startDaemon(t, bus, append(hsm.Env(), "NOTIFY_SOCKET="+sock), "--module", stack.SoftHSMModule, "--no-pcsc")
+
+	read := func() string {
+		t.Helper()
+		buf := make([]byte, 4096)
+		l.SetReadDeadline(time.Now().Add(5 * time.Second))
+		n, err := l.Read(buf)
+		if err != nil {
+			t.Fatalf("no sd_notify message: %v", err)
+		}
+		return string(buf[:n])
+	}
+	if msg := read(); !strings.Contains(msg, "READY=1") {
+		t.Fatalf("first notification %q, want READY=1", msg)
+	}
+	// READY came after the objects: the token is there at once.
+	conn := dial(t, bus)
+	found := false
+	for _, ifs := range managedObjects(t, conn) {
+		if v, ok := ifs[tokIface]["Label"]; ok && v.Value() == hsmLabel {
+			found = true
+		}
+	}
+	if !found {
+		t.Fatal("READY=1 before the token was on the bus")
+	}
+	var state uint32
+	if err := conn.Object(busName, rootPath).StoreProperty(mgrIface+".State", &state); err != nil || state != 1 {
+		t.Fatalf("Manager.State %d (%v), want 1 (running)", state, err)
+	}
+
+	d.cmd.Process.Signal(syscall.SIGTERM)
+	if msg := read(); !strings.Contains(msg, "STOPPING=1") {
+		t.Fatalf("notification after SIGTERM %q, want STOPPING=1", msg)
+	}
+	select {
+	case <-d.exited:
+	case <-time.After(2 * time.Second):
+		t.Fatal("daemon still running 2 s after SIGTERM")
+	}
+	var has bool
+	conn.BusObject().Call("org.freedesktop.DBus.NameHasOwner", 0, busName).Store(&has)
+	if has {
+		t.Fatal("name still owned after the daemon exited")
+	}
+}
