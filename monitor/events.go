@@ -20,7 +20,8 @@ const (
 	ReaderAdded
 	ReaderRemoved
 	ReaderChanged // state, ATR or event count changed
-	ModuleChanged // wait mode, state or info changed
+	ModuleChanged // a module was added, or its wait mode, state or info changed
+	ModuleRemoved // a module is no longer watched (reload)
 	StateChanged  // the monitor's State or StateReason changed
 )
 
@@ -28,7 +29,7 @@ var eventNames = map[EventKind]string{
 	TokenInserted: "token-inserted", TokenRemoved: "token-removed", TokenChanged: "token-changed",
 	SlotAdded: "slot-added", SlotRemoved: "slot-removed", SlotChanged: "slot-changed",
 	ReaderAdded: "reader-added", ReaderRemoved: "reader-removed", ReaderChanged: "reader-changed",
-	ModuleChanged: "module-changed", StateChanged: "state-changed",
+	ModuleChanged: "module-changed", ModuleRemoved: "module-removed", StateChanged: "state-changed",
 }
 
 func (k EventKind) String() string {

@@ -107,9 +107,16 @@ type Monitor struct {
 	pubMu sync.Mutex // guards subs; held while publishing so Subscribe sees a consistent start
 	subs  map[*Subscription]struct{}
 
+	setModules chan setModulesRequest // Reload: the loop applies a new module set
+
 	stop      chan struct{}
 	done      chan struct{}
 	closeOnce sync.Once
+}
+
+type setModulesRequest struct {
+	modules []Module
+	done    chan *Snapshot
 }
 
 // inbox is what sources tell the loop between two refreshes.
@@ -142,13 +149,14 @@ func New(cfg Config) (*Monitor, error) {
 		names[mod.Name()] = true
 	}
 	m := &Monitor{
-		cfg:     cfg,
-		log:     cfg.Logger,
-		wakeCh:  make(chan struct{}, 1),
-		holdSem: make(chan struct{}, 1),
-		subs:    map[*Subscription]struct{}{},
-		stop:    make(chan struct{}),
-		done:    make(chan struct{}),
+		cfg:        cfg,
+		log:        cfg.Logger,
+		wakeCh:     make(chan struct{}, 1),
+		holdSem:    make(chan struct{}, 1),
+		subs:       map[*Subscription]struct{}{},
+		setModules: make(chan setModulesRequest),
+		stop:       make(chan struct{}),
+		done:       make(chan struct{}),
 	}
 	m.inbox.modulesDirty = map[string]bool{}
 	m.inbox.waitUnsupported = map[string]bool{}
@@ -210,6 +218,32 @@ func (m *Monitor) publish(s *Snapshot, evs []Event) {
 // the old one.
 func (m *Monitor) Acquire(ctx context.Context, gen uint64) (release func(), err error) {
 	return m.leases.acquire(ctx, gen)
+}
+
+// SetModules replaces the set of watched modules (a reload): modules no
+// longer listed are finalized and their tokens removed, new ones are
+// initialized, modules kept (the same value) are left alone. It returns the
+// snapshot that results, once it is published.
+func (m *Monitor) SetModules(mods []Module) (*Snapshot, error) {
+	names := map[string]bool{}
+	for _, mod := range mods {
+		if names[mod.Name()] {
+			return nil, fmt.Errorf("monitor: two modules named %q", mod.Name())
+		}
+		names[mod.Name()] = true
+	}
+	req := setModulesRequest{modules: mods, done: make(chan *Snapshot, 1)}
+	select {
+	case m.setModules <- req:
+	case <-m.done:
+		return nil, ErrClosed
+	}
+	select {
+	case s := <-req.done:
+		return s, nil
+	case <-m.done:
+		return nil, ErrClosed
+	}
 }
 
 // Hold keeps the loop from starting another refresh until release is
@@ -339,19 +373,28 @@ func (l *loop) run() {
 	defer timer.Stop()
 	for {
 		l.armTimer(timer)
+		var req *setModulesRequest
 		select {
 		case <-l.m.stop:
 			return
 		case <-l.m.wakeCh:
 		case <-timer.C:
+		case r := <-l.m.setModules:
+			req = &r
 		}
 		select {
 		case l.m.holdSem <- struct{}{}:
 		case <-l.m.stop:
 			return
 		}
-		l.refresh(false)
+		if req != nil {
+			l.replaceModules(req.modules)
+		}
+		l.refresh(req != nil)
 		<-l.m.holdSem
+		if req != nil {
+			req.done <- l.m.Snapshot()
+		}
 	}
 }
 
@@ -397,6 +440,38 @@ func (l *loop) shutdown() {
 	}
 	l.m.subs = map[*Subscription]struct{}{}
 	l.m.pubMu.Unlock()
+}
+
+// replaceModules applies a new module set: removed modules are finalized
+// (their slots, and so their tokens, leave the next snapshot), new ones are
+// initialized.
+func (l *loop) replaceModules(mods []Module) {
+	keep := map[Module]bool{}
+	for _, mod := range mods {
+		keep[mod] = true
+	}
+	var kept []*moduleTrack
+	have := map[Module]bool{}
+	for _, mt := range l.modules {
+		if keep[mt.mod] {
+			kept = append(kept, mt)
+			have[mt.mod] = true
+			continue
+		}
+		l.log.Info("module removed", "module", mt.name)
+		l.finalizeModule(mt)
+	}
+	for _, mod := range mods {
+		if have[mod] {
+			continue
+		}
+		mt := &moduleTrack{mod: mod, name: mod.Name(), retry: backoff{Min: l.cfg.RetryMin, Max: l.cfg.ModuleRetryMax}}
+		l.log.Info("module added", "module", mt.name)
+		l.initModule(mt)
+		kept = append(kept, mt)
+	}
+	slices.SortFunc(kept, func(a, b *moduleTrack) int { return strings.Compare(a.name, b.name) })
+	l.modules = kept
 }
 
 // initModule initializes a module and starts its waiter.

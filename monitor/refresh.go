@@ -380,6 +380,11 @@ func (l *loop) commit(newSlots map[SlotKey]*Slot, now time.Time) {
 			evs = append(evs, Event{Kind: ReaderRemoved, Reader: &old.Readers[i]})
 		}
 	}
+	for i := range old.Modules {
+		if _, ok := findModule(next, old.Modules[i].Name); !ok {
+			evs = append(evs, Event{Kind: ModuleRemoved, Module: &old.Modules[i]})
+		}
+	}
 	for i := range next.Modules {
 		nm := &next.Modules[i]
 		om, ok := findModule(old, nm.Name)

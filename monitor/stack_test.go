@@ -563,3 +563,63 @@ func TestPollingModule(t *testing.T) {
 		}
 	}
 }
+
+// TestSetModules: a reload adds a module (its token appears with a new
+// generation) and removes it again (its token is removed, the module
+// leaves the snapshot), without touching the module that stays.
+func TestSetModules(t *testing.T) {
+	w := newWorld(t)
+	w.start(monitor.Config{})
+	if err := w.cards[0].Insert(); err != nil {
+		t.Fatal(err)
+	}
+	card := w.expectToken(monitor.TokenInserted, eventTimeout)
+
+	hsm := module.Open(stack.SoftHSMModule, module.Options{Name: "softhsm"})
+	snap, err := w.mon.SetModules([]monitor.Module{w.mod, hsm})
+	if err != nil {
+		t.Fatal(err)
+	}
+	var hsmTok *monitor.Token
+	for _, tok := range snap.Tokens() {
+		if tok.Label == "Test HSM" {
+			hsmTok = tok
+		}
+	}
+	if hsmTok == nil || len(snap.Modules) != 2 {
+		t.Fatalf("after adding SoftHSM: modules %v, tokens %v", snap.Modules, snap.Tokens())
+	}
+	// SoftHSM also shows its spare, uninitialized slot as a token.
+	for {
+		tok := w.expectToken(monitor.TokenInserted, eventTimeout)
+		if tok.Slot.Module != "softhsm" {
+			t.Fatalf("inserted %+v, want SoftHSM's tokens", tok)
+		}
+		if tok.Generation == hsmTok.Generation {
+			break
+		}
+	}
+
+	snap, err = w.mon.SetModules([]monitor.Module{w.mod})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(snap.Modules) != 1 || snap.Modules[0].Name != "opensc" {
+		t.Fatalf("modules after removing SoftHSM: %v", snap.Modules)
+	}
+	for {
+		tok := w.expectToken(monitor.TokenRemoved, eventTimeout)
+		if tok.Slot.Module != "softhsm" {
+			t.Fatalf("removed %+v, want SoftHSM's tokens only", tok)
+		}
+		if tok.Generation == hsmTok.Generation {
+			break
+		}
+	}
+	if _, ok := snap.Token(card.Generation); !ok {
+		t.Fatal("the OpenSC card's token did not survive the reload")
+	}
+	if ev := w.next(eventTimeout, monitor.ModuleRemoved); ev.Module.Name != "softhsm" {
+		t.Fatalf("module removed: %v", ev)
+	}
+}
