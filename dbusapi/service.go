@@ -8,6 +8,7 @@ import (
 	"log/slog"
 	"strconv"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	godbus "github.com/godbus/dbus/v5"
@@ -27,26 +28,37 @@ type Options struct {
 	// operations to drain before the slot's next token can be used; after
 	// it the call fails with Busy. Default 5 s.
 	GenerationWait time.Duration
+	// Reload, if set, is what Manager.Reload runs: re-read the config and
+	// the module list, apply it to the monitor, and return the modules now
+	// watched and the snapshot that resulted. Nil: Reload only answers once
+	// the current snapshot is on the bus.
+	Reload func() (map[string]*module.Module, *monitor.Snapshot, error)
 }
 
 // Service is slotwatch on the bus: it mirrors the monitor's snapshots as
 // objects and serves the methods. Create with New, then Start.
 type Service struct {
-	conn    *godbus.Conn
-	mon     *monitor.Monitor
+	conn *godbus.Conn
+	mon  *monitor.Monitor
+	opts Options
+
+	modsMu  sync.RWMutex // guards modules; Reload replaces it
 	modules map[string]*module.Module
-	opts    Options
-	log     *slog.Logger
-	objs    *objects
+
+	log  *slog.Logger
+	objs *objects
 
 	instanceID string
 	sessions   *sessionTable
 	callers    *callers
 
 	sub     *monitor.Subscription
-	applied sync.Mutex // held while an event is applied; tests and Close wait on it
-	done    chan struct{}
-	closeMu sync.Once
+	applied sync.Mutex // held while an event is applied
+	// appliedSeq is the snapshot sequence number whose events are all on
+	// the bus; Reload waits for it to reach the reloaded snapshot.
+	appliedSeq atomic.Uint64
+	done       chan struct{}
+	closeMu    sync.Once
 }
 
 // New prepares a service on conn for the monitor's view. modules are the
@@ -80,6 +92,7 @@ func New(conn *godbus.Conn, mon *monitor.Monitor, modules map[string]*module.Mod
 func (s *Service) Start() error {
 	snap, sub := s.mon.Subscribe()
 	s.sub = sub
+	s.appliedSeq.Store(snap.Seq)
 	if err := s.exportRoot(snap); err != nil {
 		sub.Close()
 		return err
@@ -151,6 +164,7 @@ func (s *Service) follow() {
 		s.applied.Lock()
 		s.apply(ev)
 		s.applied.Unlock()
+		s.appliedSeq.Store(ev.Snapshot.Seq)
 	}
 }
 
@@ -181,6 +195,8 @@ func (s *Service) apply(ev monitor.Event) {
 		for k, v := range readerProps(ev.Reader) {
 			s.objs.set(p, ReaderInterface, k, v)
 		}
+	case monitor.ModuleRemoved:
+		s.objs.remove(modulePath(ev.Module.Name))
 	case monitor.ModuleChanged:
 		p := modulePath(ev.Module.Name)
 		if !s.objs.has(p) {
@@ -328,12 +344,35 @@ func (s *Service) logAdd(p godbus.ObjectPath, err error) bool {
 // manager is the Manager interface's methods.
 type manager struct{ s *Service }
 
-// Reload re-reads the configuration. The module set is fixed at start in
-// this version: Reload answers once the current snapshot is on the bus.
+// Reload re-reads the configuration and the module list, adds and removes
+// modules accordingly (a removed module's tokens are removed, with
+// signals), and answers when the new snapshot is on the bus.
 func (m *manager) Reload() *godbus.Error {
-	m.s.applied.Lock()
-	m.s.applied.Unlock()
+	s := m.s
+	target := s.mon.Snapshot().Seq
+	if s.opts.Reload != nil {
+		mods, snap, err := s.opts.Reload()
+		if err != nil {
+			return godbus.NewError("org.freedesktop.DBus.Error.InvalidFileContent", []any{err.Error()})
+		}
+		s.modsMu.Lock()
+		s.modules = mods
+		s.modsMu.Unlock()
+		target = snap.Seq
+	}
+	deadline := time.Now().Add(5 * time.Second)
+	for s.appliedSeq.Load() < target && time.Now().Before(deadline) {
+		time.Sleep(5 * time.Millisecond)
+	}
 	return nil
+}
+
+// module returns the module named name.
+func (s *Service) module(name string) (*module.Module, bool) {
+	s.modsMu.RLock()
+	defer s.modsMu.RUnlock()
+	m, ok := s.modules[name]
+	return m, ok
 }
 
 // generationOf parses the generation from a token path.

@@ -153,7 +153,7 @@ type tokenObject struct {
 }
 
 func (t *tokenObject) module() (*module.Module, error) {
-	m, ok := t.s.modules[t.tok.Slot.Module]
+	m, ok := t.s.module(t.tok.Slot.Module)
 	if !ok {
 		return nil, fmt.Errorf("module %q is not loaded", t.tok.Slot.Module)
 	}

@@ -111,8 +111,11 @@ func newClientFlagSet(cmd, synopsis string, cf *clientFlags, withJSON bool) *fla
 	fs.Usage = func() {
 		fmt.Fprintf(fs.Output(), "usage: slotwatch %s\n\noptions:\n", synopsis)
 		fs.PrintDefaults()
-		fmt.Fprintf(fs.Output(), "\nexit status: 0 success, 1 error (a D-Bus error is printed with its name), 2 the daemon is not running, 64 bad arguments%s\n",
-			map[bool]string{true: ", 3 sessions are open on the token (see --force)"}[cmd == "init-token"])
+		extra := ""
+		if cmd == "init-token" {
+			extra = ", 3 sessions are open on the token (see --force)"
+		}
+		fmt.Fprintf(fs.Output(), "\nexit status: 0 success, 1 error (a D-Bus error is printed with its name), 2 the daemon is not running%s, 64 bad arguments\n", extra)
 	}
 	return fs
 }

@@ -57,21 +57,30 @@ func runServe(args []string) error {
 	if len(mods) == 0 {
 		logger.Warn("no PKCS#11 module to watch: none given with --module, none in the config file or the p11-kit registry")
 	}
-	byName := map[string]*module.Module{}
-	var watched []monitor.Module
-	for _, mc := range mods {
-		opts := module.Options{Name: mc.Name}
-		if *logCalls {
-			opts.CallLog = logger.With("module", mc.Name)
+	loaded := map[string]*module.Module{} // by path, so a reload keeps what it can
+	open := func(mods []ModuleConfig) (map[string]*module.Module, []monitor.Module) {
+		byName := map[string]*module.Module{}
+		var watched []monitor.Module
+		for _, mc := range mods {
+			m, ok := loaded[mc.Path]
+			if !ok || m.Name() != mc.Name {
+				opts := module.Options{Name: mc.Name}
+				if *logCalls {
+					opts.CallLog = logger.With("module", mc.Name)
+				}
+				if mc.Isolate {
+					logger.Warn("isolate = true is not available yet; loading the module in-process", "module", mc.Name)
+				}
+				m = module.Open(mc.Path, opts)
+				loaded[mc.Path] = m
+				logger.Info("watching module", "module", mc.Name, "path", mc.Path, "from", mc.From)
+			}
+			byName[mc.Name] = m
+			watched = append(watched, m)
 		}
-		if mc.Isolate {
-			logger.Warn("isolate = true is not available yet; loading the module in-process", "module", mc.Name)
-		}
-		m := module.Open(mc.Path, opts)
-		byName[mc.Name] = m
-		watched = append(watched, m)
-		logger.Info("watching module", "module", mc.Name, "path", mc.Path, "from", mc.From)
+		return byName, watched
 	}
+	byName, watched := open(mods)
 	if cfg != nil && cfg.Source != "" {
 		logger.Info("config", "file", cfg.Source)
 	}
@@ -90,6 +99,23 @@ func runServe(args []string) error {
 		Logger:         logger,
 		Version:        version,
 		LoginTokenName: os.Getenv("PKCS11_LOGIN_TOKEN_NAME"),
+		Reload: func() (map[string]*module.Module, *monitor.Snapshot, error) {
+			_, mods, warnings, err := ResolveModules(modules, *configPath)
+			if err != nil {
+				logger.Error("reload: keeping the current modules", "err", err)
+				return nil, nil, err
+			}
+			for _, w := range warnings {
+				logger.Warn(w)
+			}
+			byName, watched := open(mods)
+			snap, err := mon.SetModules(watched)
+			if err != nil {
+				return nil, nil, err
+			}
+			logger.Info("reloaded", "modules", len(watched))
+			return byName, snap, nil
+		},
 	})
 	if err := svc.Start(); err != nil {
 		mon.Close()
