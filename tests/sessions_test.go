@@ -237,3 +237,52 @@ func TestInitTokenNamesHolders(t *testing.T) {
 	}
 	findToken(t, conn, "Renamed")
 }
+
+// TestPINsNeverLogged: with --log-calls and debug logging, a login with a
+// known PIN (right and wrong) and an InitToken with a known SO PIN leave no
+// trace of either PIN in anything the daemon wrote.
+func TestPINsNeverLogged(t *testing.T) {
+	hsm, err := stack.NewSoftHSM(t.TempDir())
+	if err != nil {
+		t.Fatal(err)
+	}
+	const userPIN, soPIN, wrongPIN = "739164", "58203917", "602518"
+	if err := hsm.InitToken(hsmLabel, soPIN, userPIN); err != nil {
+		t.Fatal(err)
+	}
+	bus := stack.StartDBusForTest(t, "")
+	d := startDaemon(t, bus, hsm.Env(), "--module", stack.SoftHSMModule, "--no-pcsc", "--log-calls")
+	conn := dial(t, bus)
+	tok := findToken(t, conn, hsmLabel)
+	s := openSession(t, conn, tok)
+	conn.Object(busName, s).Call(sesIface+".Login", 0, uint32(1), []byte(wrongPIN))
+	if err := conn.Object(busName, s).Call(sesIface+".Login", 0, uint32(1), []byte(userPIN)).Err; err != nil {
+		t.Fatalf("Login: %v", err)
+	}
+	conn.Object(busName, s).Call(sesIface+".Logout", 0)
+	if err := conn.Object(busName, tok).Call(tokIface+".InitToken", 0, []byte(soPIN), "Relabelled", true).Err; err != nil {
+		t.Fatalf("InitToken: %v", err)
+	}
+	out := d.stderr.String()
+	if !strings.Contains(out, "C_Login") || !strings.Contains(out, "C_InitToken") {
+		t.Fatalf("--log-calls did not log the calls:\n%s", out)
+	}
+	for _, pin := range []string{userPIN, soPIN, wrongPIN} {
+		for _, form := range pinForms(pin) {
+			if strings.Contains(out, form) {
+				t.Fatalf("PIN %s appears in the daemon's log as %q", pin, form)
+			}
+		}
+	}
+}
+
+// pinForms are the ways a PIN could show up in a log: as text, hex, and
+// as Go's rendering of a byte slice.
+func pinForms(pin string) []string {
+	b := []byte(pin)
+	dec := make([]string, len(b))
+	for i, c := range b {
+		dec[i] = fmt.Sprint(c)
+	}
+	return []string{pin, fmt.Sprintf("%x", b), fmt.Sprintf("% x", b), strings.Join(dec, " "), strings.Join(dec, ",")}
+}

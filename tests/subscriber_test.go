@@ -3,6 +3,7 @@ package tests
 import (
 	"fmt"
 	"strconv"
+	"strings"
 	"testing"
 	"time"
 
@@ -119,11 +120,30 @@ func TestSubscriberSeesInsertRemoveReinsert(t *testing.T) {
 		t.Fatal(err)
 	}
 	tok1, gen1 := expectInsert()
+	var sess godbus.ObjectPath
+	if err := sub.conn.Object(busName, tok1).Call(tokIface+".OpenSession", 0, false).Store(&sess); err != nil {
+		t.Fatalf("OpenSession on the virtual card: %v", err)
+	}
+	var certs []struct {
+		ID      []byte
+		Label   string
+		Subject string
+		DER     []byte
+	}
+	if err := sub.conn.Object(busName, tok1).Call(tokIface+".ListCertificates", 0).Store(&certs); err != nil {
+		t.Fatalf("ListCertificates: %v", err)
+	}
+	if len(certs) != 1 || !strings.Contains(certs[0].Subject, "CN=Bus Card") || len(certs[0].DER) == 0 {
+		t.Fatalf("ListCertificates = %+v, want the card's one certificate", certs)
+	}
 
 	if err := card.Remove(); err != nil {
 		t.Fatal(err)
 	}
 	rm := sub.nextOf(5*time.Second, sigRemoved, sigIfAdded)
+	for rm.Name == sigIfAdded && isUnder(rm.Body[0].(godbus.ObjectPath), "sessions") {
+		rm = sub.nextOf(5*time.Second, sigRemoved, sigIfAdded) // our own session
+	}
 	if rm.Name != sigRemoved || rm.Body[0].(godbus.ObjectPath) != tok1 || rm.Body[2].(uint64) != gen1 {
 		t.Fatalf("after removal: %s %v, want TokenRemoved of %s", rm.Name, rm.Body, tok1)
 	}
@@ -134,6 +154,18 @@ func TestSubscriberSeesInsertRemoveReinsert(t *testing.T) {
 	err := sub.conn.Object(busName, tok1).Call(tokIface+".OpenSession", 0, false).Store(&p)
 	if errName(err) != errPfx+"TokenRemoved" {
 		t.Fatalf("OpenSession on a removed token: %v, want TokenRemoved", err)
+	}
+	// Its session went with it, and its path says why.
+	if _, ok := managedObjects(t, sub.conn)[sess]; ok {
+		t.Fatalf("session %s of the removed token still on the bus", sess)
+	}
+	err = sub.conn.Object(busName, sess).Call(sesIface+".FindObjects", 0, map[string]godbus.Variant{}).Err
+	if errName(err) != errPfx+"TokenRemoved" {
+		t.Fatalf("FindObjects on a removed token's session: %v, want TokenRemoved", err)
+	}
+	_, err = sub.conn.Object(busName, tok1).GetProperty(tokIface + ".Label")
+	if errName(err) != errPfx+"TokenRemoved" {
+		t.Fatalf("Get Label of a removed token: %v, want TokenRemoved", err)
 	}
 
 	if err := card.Insert(); err != nil {
