@@ -51,6 +51,11 @@ var errorMap = []struct {
 	{module.ErrUserPinNotInitialized, ErrNotSupported},
 	{module.ErrAnotherUserLoggedIn, ErrAlreadyLoggedIn},
 	{module.ErrDataInvalid, ErrInvalidArgs},
+	{module.ErrKeyTypeInconsistent, ErrNotSupported},
+	{module.ErrKeyFunctionNotAllowed, ErrNotSupported},
+	{module.ErrMechanismParamInvalid, ErrNotSupported},
+	{module.ErrPinExpired, ErrNotSupported}, // a PIN change is not offered
+	{module.ErrSessionReadOnly, ErrInvalidArgs},
 	{module.ErrDataLenRange, ErrInvalidArgs},
 	{module.ErrPinIncorrect, ErrPinIncorrect},
 	{module.ErrPinLocked, ErrPinLocked},

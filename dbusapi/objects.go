@@ -19,10 +19,15 @@ import (
 // the root (GetManagedObjects, InterfacesAdded, InterfacesRemoved). godbus
 // has no ObjectManager; this one is small and locked.
 //
-// Only the service's event goroutine changes objects (add, remove, set);
-// D-Bus calls read them (GetManagedObjects, Introspect) concurrently.
+// The service's event goroutine adds and removes tokens, readers, slots
+// and modules; method calls add and remove sessions; D-Bus calls read the
+// tree (GetManagedObjects, Introspect) concurrently.
 type objects struct {
 	conn *godbus.Conn
+
+	// exportMu serializes Export calls: godbus reads its object map
+	// without a lock while exporting.
+	exportMu sync.Mutex
 
 	mu     sync.RWMutex // guards byPath
 	byPath map[godbus.ObjectPath]*object
@@ -53,16 +58,17 @@ func newObjects(conn *godbus.Conn) *objects {
 }
 
 // add exports an object and announces it with InterfacesAdded.
+//
+// Every interface is exported for the object's subtree too (godbus's
+// ExportSubtree): a call to a path below the object then reaches these
+// handlers, which answer UnknownObject because the path is not theirs
+// (checkCall, propsGuard). Without it godbus would answer UnknownInterface
+// for paths that do not exist.
 func (o *objects) add(path godbus.ObjectPath, ifaces ...iface) error {
 	obj := &object{path: path, values: map[string]map[string]any{}}
 	pm := prop.Map{}
 	for _, ifc := range ifaces {
 		obj.ifaces = append(obj.ifaces, ifc.name)
-		if ifc.methods != nil {
-			if err := o.conn.Export(ifc.methods, path, ifc.name); err != nil {
-				return err
-			}
-		}
 		vals := map[string]any{}
 		props := map[string]*prop.Prop{}
 		for name, v := range ifc.props {
@@ -76,12 +82,27 @@ func (o *objects) add(path godbus.ObjectPath, ifaces ...iface) error {
 		pm[ifc.name] = props
 		obj.values[ifc.name] = vals
 	}
-	p, err := prop.Export(o.conn, path, pm)
+	o.exportMu.Lock()
+	err := func() error {
+		for _, ifc := range ifaces {
+			if ifc.methods != nil {
+				if err := o.conn.ExportSubtree(ifc.methods, path, ifc.name); err != nil {
+					return err
+				}
+			}
+		}
+		p, err := prop.Export(o.conn, path, pm)
+		if err != nil {
+			return err
+		}
+		obj.props = p
+		if err := o.conn.ExportSubtree(propsGuard{path: path, p: p}, path, propertiesInterface); err != nil {
+			return err
+		}
+		return o.conn.ExportSubtree(introspector{o}, path, introspectInterface)
+	}()
+	o.exportMu.Unlock()
 	if err != nil {
-		return err
-	}
-	obj.props = p
-	if err := o.conn.Export(introspector{o}, path, introspectInterface); err != nil {
 		return err
 	}
 	o.mu.Lock()
@@ -99,12 +120,79 @@ func (o *objects) remove(path godbus.ObjectPath) {
 	if !ok {
 		return
 	}
+	o.exportMu.Lock()
 	for _, name := range obj.ifaces {
 		o.conn.Export(nil, path, name)
 	}
 	o.conn.Export(nil, path, propertiesInterface)
 	o.conn.Export(nil, path, introspectInterface)
+	o.exportMu.Unlock()
 	o.conn.Emit(RootPath, objectManagerInterface+".InterfacesRemoved", path, obj.ifaces)
+}
+
+// export exports one handler for a path's subtree, serialized with add and
+// remove.
+func (o *objects) export(v any, path godbus.ObjectPath, iface string) error {
+	o.exportMu.Lock()
+	defer o.exportMu.Unlock()
+	return o.conn.ExportSubtree(v, path, iface)
+}
+
+// propsGuard is org.freedesktop.DBus.Properties of one object: godbus's
+// prop package keeps the values and emits PropertiesChanged; this answers
+// with the contract's errors, as GDBus does: every property is read-only,
+// and an unknown interface or property is InvalidArgs.
+type propsGuard struct {
+	path godbus.ObjectPath
+	p    *prop.Properties
+}
+
+func (g propsGuard) check(msg godbus.Message, sig string) *godbus.Error {
+	if got := msgPath(msg); got != g.path {
+		return unknownObject(got)
+	}
+	got := ""
+	if v, ok := msg.Headers[godbus.FieldSignature]; ok {
+		if s, ok := v.Value().(godbus.Signature); ok {
+			got = s.String()
+		}
+	}
+	if got != sig {
+		return godbus.NewError(ErrInvalidArgs, []any{fmt.Sprintf("takes (%s), got (%s)", sig, got)})
+	}
+	return nil
+}
+
+func (g propsGuard) Get(msg godbus.Message, iface, name string) (godbus.Variant, *godbus.Error) {
+	if err := g.check(msg, "ss"); err != nil {
+		return godbus.Variant{}, err
+	}
+	v, err := g.p.Get(iface, name)
+	if err != nil {
+		return godbus.Variant{}, godbus.NewError(ErrInvalidArgs, []any{fmt.Sprintf("no property %s.%s on %s", iface, name, g.path)})
+	}
+	return v, nil
+}
+
+func (g propsGuard) GetAll(msg godbus.Message, iface string) (map[string]godbus.Variant, *godbus.Error) {
+	if err := g.check(msg, "s"); err != nil {
+		return nil, err
+	}
+	v, err := g.p.GetAll(iface)
+	if err != nil {
+		return nil, godbus.NewError(ErrInvalidArgs, []any{fmt.Sprintf("no interface %s on %s", iface, g.path)})
+	}
+	return v, nil
+}
+
+func (g propsGuard) Set(msg godbus.Message, iface, name string, _ godbus.Variant) *godbus.Error {
+	if err := g.check(msg, "ssv"); err != nil {
+		return err
+	}
+	if _, err := g.p.Get(iface, name); err != nil {
+		return godbus.NewError(ErrInvalidArgs, []any{fmt.Sprintf("no property %s.%s on %s", iface, name, g.path)})
+	}
+	return godbus.NewError(ErrInvalidArgs, []any{fmt.Sprintf("property %s.%s is read-only", iface, name)})
 }
 
 // set changes a property; PropertiesChanged goes out only if the value
@@ -150,7 +238,10 @@ func (obj *object) managed() map[string]map[string]godbus.Variant {
 type objectManager struct{ o *objects }
 
 // GetManagedObjects returns every object below the root in one round trip.
-func (m objectManager) GetManagedObjects() (map[godbus.ObjectPath]map[string]map[string]godbus.Variant, *godbus.Error) {
+func (m objectManager) GetManagedObjects(msg godbus.Message) (map[godbus.ObjectPath]map[string]map[string]godbus.Variant, *godbus.Error) {
+	if got := msgPath(msg); got != RootPath {
+		return nil, unknownObject(got)
+	}
 	m.o.mu.RLock()
 	defer m.o.mu.RUnlock()
 	out := map[godbus.ObjectPath]map[string]map[string]godbus.Variant{}
@@ -220,6 +311,9 @@ func (o *objects) introspect(path godbus.ObjectPath) string {
 		}
 	}
 	prefix := string(path) + "/"
+	if path == "/" {
+		prefix = "/"
+	}
 	children := map[string]bool{}
 	for p := range o.byPath {
 		if rest, ok := strings.CutPrefix(string(p), prefix); ok {

@@ -347,8 +347,11 @@ type manager struct{ s *Service }
 // Reload re-reads the configuration and the module list, adds and removes
 // modules accordingly (a removed module's tokens are removed, with
 // signals), and answers when the new snapshot is on the bus.
-func (m *manager) Reload() *godbus.Error {
+func (m *manager) Reload(msg godbus.Message) *godbus.Error {
 	s := m.s
+	if _, err := checkCall(msg, RootPath, ManagerInterface, "Reload"); err != nil {
+		return toDBus(s.log, err)
+	}
 	target := s.mon.Snapshot().Seq
 	if s.opts.Reload != nil {
 		mods, snap, err := s.opts.Reload()

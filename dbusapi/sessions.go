@@ -34,26 +34,22 @@ type sessionTable struct {
 	mu   sync.Mutex // guards all following fields
 	next uint64
 	byN  map[uint64]*brokered
-	// dead holds the numbers of sessions that went with their token; their
-	// paths answer TokenRemoved, while a session closed normally is just
-	// gone (UnknownObject).
-	dead map[uint64]bool
+	// gens remembers the generation of every session ever opened, so that
+	// a closed session's path can tell "its token is gone" (TokenRemoved)
+	// from "it was closed" (UnknownObject).
+	gens map[uint64]uint64
 }
 
 func newSessionTable() *sessionTable {
-	return &sessionTable{byN: map[uint64]*brokered{}, dead: map[uint64]bool{}}
+	return &sessionTable{byN: map[uint64]*brokered{}, gens: map[uint64]uint64{}}
 }
 
-func (t *sessionTable) markDead(n uint64) {
-	t.mu.Lock()
-	t.dead[n] = true
-	t.mu.Unlock()
-}
-
-func (t *sessionTable) isDead(n uint64) bool {
+// generation returns the token generation session n was opened on.
+func (t *sessionTable) generation(n uint64) (uint64, bool) {
 	t.mu.Lock()
 	defer t.mu.Unlock()
-	return t.dead[n]
+	g, ok := t.gens[n]
+	return g, ok
 }
 
 func (t *sessionTable) add(b *brokered) {
@@ -63,6 +59,7 @@ func (t *sessionTable) add(b *brokered) {
 	b.n = t.next
 	b.path = sessionPath(b.n)
 	t.byN[b.n] = b
+	t.gens[b.n] = b.tok.Generation
 }
 
 // take removes a session from the table; only the first caller gets it.
@@ -116,7 +113,6 @@ func (s *Service) closeSession(b *brokered, why string) error {
 // TokenRemoved.
 func (s *Service) dropSession(b *brokered) {
 	if s.sessions.take(b) {
-		s.sessions.markDead(b.n)
 		s.objs.remove(b.path)
 	}
 }
@@ -161,8 +157,12 @@ func (t *tokenObject) module() (*module.Module, error) {
 }
 
 // OpenSession opens a PKCS#11 session on this token for the caller.
-func (t *tokenObject) OpenSession(sender godbus.Sender, readWrite bool) (godbus.ObjectPath, *godbus.Error) {
-	p, err := t.openSession(string(sender), readWrite)
+func (t *tokenObject) OpenSession(msg godbus.Message, readWrite bool) (godbus.ObjectPath, *godbus.Error) {
+	sender, err := checkCall(msg, tokenPath(t.tok.Generation), TokenInterface, "OpenSession")
+	if err != nil {
+		return noObject, toDBus(t.s.log, err)
+	}
+	p, err := t.openSession(sender, readWrite)
 	return p, toDBus(t.s.log, err)
 }
 
@@ -227,13 +227,17 @@ func (s *Service) nameHasOwner(name string) bool {
 
 // CloseAllSessions closes the caller's own sessions on this token, and
 // nobody else's.
-func (t *tokenObject) CloseAllSessions(sender godbus.Sender) *godbus.Error {
+func (t *tokenObject) CloseAllSessions(msg godbus.Message) *godbus.Error {
+	sender, err := checkCall(msg, tokenPath(t.tok.Generation), TokenInterface, "CloseAllSessions")
+	if err != nil {
+		return toDBus(t.s.log, err)
+	}
 	if _, live := t.s.mon.Snapshot().Token(t.tok.Generation); !live {
 		return toDBus(t.s.log, monitor.ErrTokenRemoved)
 	}
 	var first error
 	for _, b := range t.s.sessions.where(func(b *brokered) bool {
-		return b.owner == string(sender) && b.tok.Generation == t.tok.Generation
+		return b.owner == sender && b.tok.Generation == t.tok.Generation
 	}) {
 		if err := t.s.closeSession(b, "CloseAllSessions"); err != nil && first == nil {
 			first = err
@@ -245,8 +249,11 @@ func (t *tokenObject) CloseAllSessions(sender godbus.Sender) *godbus.Error {
 // InitToken initializes the token. Without force it refuses while anyone
 // holds a session on the slot and names them all; with force it closes
 // them first.
-func (t *tokenObject) InitToken(sender godbus.Sender, soPIN []byte, label string, force bool) *godbus.Error {
+func (t *tokenObject) InitToken(msg godbus.Message, soPIN []byte, label string, force bool) *godbus.Error {
 	defer wipe(soPIN)
+	if _, err := checkCall(msg, tokenPath(t.tok.Generation), TokenInterface, "InitToken"); err != nil {
+		return toDBus(t.s.log, err)
+	}
 	return toDBus(t.s.log, t.initToken(soPIN, label, force))
 }
 
@@ -297,8 +304,12 @@ type certificate struct {
 
 // ListCertificates lists the token's certificates with a short-lived
 // session of slotwatch's own.
-func (t *tokenObject) ListCertificates(sender godbus.Sender) ([]certificate, *godbus.Error) {
-	certs, err := t.listCertificates(string(sender))
+func (t *tokenObject) ListCertificates(msg godbus.Message) ([]certificate, *godbus.Error) {
+	sender, err := checkCall(msg, tokenPath(t.tok.Generation), TokenInterface, "ListCertificates")
+	if err != nil {
+		return nil, toDBus(t.s.log, err)
+	}
+	certs, err := t.listCertificates(sender)
 	return certs, toDBus(t.s.log, err)
 }
 
@@ -358,8 +369,12 @@ type sessionObject struct {
 
 // begin checks that the caller owns the session and holds its generation
 // for the call.
-func (o *sessionObject) begin(sender godbus.Sender) (release func(), err error) {
-	if string(sender) != o.b.owner {
+func (o *sessionObject) begin(msg godbus.Message, method string) (release func(), err error) {
+	sender, err := checkCall(msg, o.b.path, SessionInterface, method)
+	if err != nil {
+		return nil, err
+	}
+	if sender != o.b.owner {
 		return nil, accessDenied("session %s belongs to %s", o.b.path, o.b.owner)
 	}
 	return o.s.hold(o.b.tok.Generation)
@@ -385,9 +400,12 @@ func checkPIN(pin []byte, tokenFlags uint) error {
 }
 
 // Login logs the session's token in.
-func (o *sessionObject) Login(sender godbus.Sender, userType uint32, pin []byte) *godbus.Error {
+func (o *sessionObject) Login(msg godbus.Message, userType uint32, pin []byte) *godbus.Error {
 	defer wipe(pin)
 	err := func() error {
+		if _, err := checkCall(msg, o.b.path, SessionInterface, "Login"); err != nil {
+			return err
+		}
 		switch userType {
 		case pkcs11.CKU_SO, pkcs11.CKU_USER:
 		case pkcs11.CKU_CONTEXT_SPECIFIC:
@@ -400,7 +418,7 @@ func (o *sessionObject) Login(sender godbus.Sender, userType uint32, pin []byte)
 		if err := checkPIN(pin, o.b.tok.Flags); err != nil {
 			return err
 		}
-		release, err := o.begin(sender)
+		release, err := o.begin(msg, "Login")
 		if err != nil {
 			return err
 		}
@@ -413,20 +431,25 @@ func (o *sessionObject) Login(sender godbus.Sender, userType uint32, pin []byte)
 }
 
 // Logout logs the session's token out.
-func (o *sessionObject) Logout(sender godbus.Sender) *godbus.Error {
-	release, err := o.begin(sender)
+func (o *sessionObject) Logout(msg godbus.Message) *godbus.Error {
+	release, err := o.begin(msg, "Logout")
 	if err != nil {
 		return toDBus(o.s.log, err)
 	}
 	defer release()
+	// Some modules (SoftHSM2) answer CKR_OK to a logout nobody asked for;
+	// the contract says NotLoggedIn.
+	if st, err := o.b.mod.SessionState(o.b.id); err == nil && (st == pkcs11.CKS_RO_PUBLIC_SESSION || st == pkcs11.CKS_RW_PUBLIC_SESSION) {
+		return toDBus(o.s.log, namedError(ErrNotLoggedIn, "the token is not logged in"))
+	}
 	err = o.b.mod.Logout(o.b.id)
 	o.refreshState()
 	return toDBus(o.s.log, err)
 }
 
 // Close closes the session.
-func (o *sessionObject) Close(sender godbus.Sender) *godbus.Error {
-	release, err := o.begin(sender)
+func (o *sessionObject) Close(msg godbus.Message) *godbus.Error {
+	release, err := o.begin(msg, "Close")
 	if err != nil {
 		return toDBus(o.s.log, err)
 	}
@@ -441,21 +464,26 @@ type foundObject struct {
 }
 
 // FindObjects returns the objects matching a template.
-func (o *sessionObject) FindObjects(sender godbus.Sender, template map[string]godbus.Variant) ([]foundObject, *godbus.Error) {
-	out, err := o.findObjects(sender, template)
+func (o *sessionObject) FindObjects(msg godbus.Message, template map[string]godbus.Variant) ([]foundObject, *godbus.Error) {
+	out, err := o.findObjects(msg, template)
 	return out, toDBus(o.s.log, err)
 }
 
-func (o *sessionObject) findObjects(sender godbus.Sender, template map[string]godbus.Variant) ([]foundObject, error) {
-	attrs, err := decodeTemplate(template)
-	if err != nil {
-		return nil, err
-	}
-	release, err := o.begin(sender)
+func (o *sessionObject) findObjects(msg godbus.Message, template map[string]godbus.Variant) ([]foundObject, error) {
+	release, err := o.begin(msg, "FindObjects")
 	if err != nil {
 		return nil, err
 	}
 	defer release()
+	// Decode from the message as received: godbus's conversion into the
+	// parameter unwraps nested variants, which the contract does not allow.
+	if raw, ok := msg.Body[0].(map[string]godbus.Variant); ok {
+		template = raw
+	}
+	attrs, err := decodeTemplate(template)
+	if err != nil {
+		return nil, err
+	}
 	handles, err := o.b.mod.FindObjects(o.b.id, attrs, maxFindResult)
 	if err != nil {
 		return nil, err
@@ -524,6 +552,9 @@ func decodeTemplate(t map[string]godbus.Variant) ([]*pkcs11.Attribute, error) {
 	var attrs []*pkcs11.Attribute
 	for _, k := range slices.Sorted(maps.Keys(t)) {
 		v := t[k].Value()
+		if _, nested := v.(godbus.Variant); nested {
+			return nil, invalidArgs("template key %q holds a variant in a variant", k)
+		}
 		switch k {
 		case "class", "key_type":
 			u, ok := v.(uint32)
@@ -555,12 +586,15 @@ func decodeTemplate(t map[string]godbus.Variant) ([]*pkcs11.Attribute, error) {
 }
 
 // Sign signs data with the private key whose CKA_ID is keyID.
-func (o *sessionObject) Sign(sender godbus.Sender, keyID []byte, mechanism uint32, data []byte) ([]byte, *godbus.Error) {
-	sig, err := o.sign(sender, keyID, mechanism, data)
+func (o *sessionObject) Sign(msg godbus.Message, keyID []byte, mechanism uint32, data []byte) ([]byte, *godbus.Error) {
+	sig, err := o.sign(msg, keyID, mechanism, data)
 	return sig, toDBus(o.s.log, err)
 }
 
-func (o *sessionObject) sign(sender godbus.Sender, keyID []byte, mechanism uint32, data []byte) ([]byte, error) {
+func (o *sessionObject) sign(msg godbus.Message, keyID []byte, mechanism uint32, data []byte) ([]byte, error) {
+	if _, err := checkCall(msg, o.b.path, SessionInterface, "Sign"); err != nil {
+		return nil, err
+	}
 	if len(keyID) == 0 || len(keyID) > maxKeyID {
 		return nil, invalidArgs("key_id must be 1 to %d bytes, got %d", maxKeyID, len(keyID))
 	}
@@ -571,7 +605,7 @@ func (o *sessionObject) sign(sender godbus.Sender, keyID []byte, mechanism uint3
 	if err != nil {
 		return nil, err
 	}
-	release, err := o.begin(sender)
+	release, err := o.begin(msg, "Sign")
 	if err != nil {
 		return nil, err
 	}
@@ -586,7 +620,31 @@ func (o *sessionObject) sign(sender godbus.Sender, keyID []byte, mechanism uint3
 	if len(keys) == 0 {
 		return nil, invalidArgs("no private key with id %x on this token (or not logged in)", keyID)
 	}
+	// Some modules accept C_SignInit with a mechanism of the wrong key type
+	// and fail C_Sign with CKR_GENERAL_ERROR; say what is wrong instead.
+	if kt, err := o.b.mod.GetAttributes(o.b.id, keys[0], []*pkcs11.Attribute{pkcs11.NewAttribute(pkcs11.CKA_KEY_TYPE, nil)}); err == nil && len(kt) == 1 {
+		if want := mechanismKeyType(uint(mechanism)); want != ulong(kt[0].Value) {
+			return nil, namedError(ErrNotSupported, "mechanism 0x%x needs a %s key; key %x is not one", mechanism, keyTypeName(want), keyID)
+		}
+	}
 	return o.b.mod.Sign(o.b.id, mech, keys[0], data)
+}
+
+// mechanismKeyType is the key type a signing mechanism slotwatch offers
+// works with.
+func mechanismKeyType(m uint) uint {
+	switch m {
+	case pkcs11.CKM_ECDSA, pkcs11.CKM_ECDSA_SHA256:
+		return pkcs11.CKK_EC
+	}
+	return pkcs11.CKK_RSA
+}
+
+func keyTypeName(k uint) string {
+	if k == pkcs11.CKK_EC {
+		return "EC"
+	}
+	return "RSA"
 }
 
 // signMechanism builds the PKCS#11 mechanism for a CKM_* number slotwatch
