@@ -175,8 +175,12 @@ func dialBus(cmd, address string) (*client, error) {
 		}
 	}
 	if err != nil {
+		where := "the bus at " + shown
+		if address == "" && os.Getenv("DBUS_SESSION_BUS_ADDRESS") == "" {
+			where = "the session bus (DBUS_SESSION_BUS_ADDRESS is not set)"
+		}
 		return nil, &exitError{code: exitNotRunning, err: err,
-			msg: fmt.Sprintf("slotwatch: cannot connect to the bus at %s: %v\n%s", shown, err, notRunningMessage(shown))}
+			msg: fmt.Sprintf("slotwatch: cannot connect to %s: %v\n%s", where, err, notRunningMessage(shown))}
 	}
 	return &client{cmd: cmd, conn: conn, address: shown}, nil
 }

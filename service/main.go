@@ -20,6 +20,10 @@ const usage = `usage: slotwatch COMMAND [OPTIONS]
 commands:
   serve   the daemon: serve the view and PKCS#11 sessions on D-Bus
   watch   run the monitor in the foreground and print every change
+  list        show the daemon's readers, slots, tokens and modules
+  monitor     print the daemon's events as they happen
+  sessions    show who holds which PKCS#11 session
+  init-token  initialize a token (C_InitToken) through the daemon
   help    show this text
 
 Run "slotwatch COMMAND -h" for a command's options.
@@ -36,6 +40,14 @@ func main() {
 		err = runServe(os.Args[2:])
 	case "watch":
 		err = runWatch(os.Args[2:])
+	case "list":
+		err = runList(os.Args[2:])
+	case "monitor":
+		err = runMonitor(os.Args[2:])
+	case "sessions":
+		err = runSessions(os.Args[2:])
+	case "init-token":
+		err = runInitToken(os.Args[2:])
 	case "help", "-h", "--help":
 		fmt.Print(usage)
 		return
@@ -44,7 +56,6 @@ func main() {
 		os.Exit(2)
 	}
 	if err != nil {
-		fmt.Fprintf(os.Stderr, "slotwatch %s: %v\n", os.Args[1], err)
-		os.Exit(1)
+		os.Exit(reportError(os.Args[1], err))
 	}
 }

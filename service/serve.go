@@ -127,7 +127,15 @@ func runServe(args []string) error {
 	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGTERM, syscall.SIGINT)
 	defer stop()
 	go watchdog(ctx, mon, logger)
-	<-ctx.Done()
+	var exitErr error
+	select {
+	case <-ctx.Done():
+	case <-conn.Context().Done():
+		// The bus went away (a session ends, a test's private bus stops):
+		// nobody can reach us any more, and systemd restarts us on failure.
+		exitErr = errors.New("lost the connection to the bus")
+		logger.Error("lost the connection to the bus; stopping")
+	}
 
 	daemon.SdNotify(false, daemon.SdNotifyStopping)
 	logger.Info("stopping")
@@ -142,7 +150,7 @@ func runServe(args []string) error {
 	case <-time.After(shutdownBudget):
 		logger.Error("shutdown took longer than its budget; exiting anyway", "budget", shutdownBudget)
 	}
-	return nil
+	return exitErr
 }
 
 // connectBus connects to address, or to the session bus. Signals are

@@ -74,3 +74,29 @@ func TestSdNotify(t *testing.T) {
 		t.Fatal("name still owned after the daemon exited")
 	}
 }
+
+// TestBusGoesAway: when its bus stops, the daemon stops too (with an
+// error, so that systemd's Restart=on-failure applies) instead of running
+// on unreachable.
+func TestBusGoesAway(t *testing.T) {
+	hsm, err := stack.NewSoftHSM(t.TempDir())
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := hsm.InitToken(hsmLabel, hsmSO, hsmPIN); err != nil {
+		t.Fatal(err)
+	}
+	bus := stack.StartDBusForTest(t, "")
+	d := startDaemon(t, bus, hsm.Env(), "--module", stack.SoftHSMModule, "--no-pcsc")
+	if err := bus.Stop(); err != nil {
+		t.Fatal(err)
+	}
+	select {
+	case <-d.exited:
+		if d.cmd.ProcessState.ExitCode() == 0 {
+			t.Fatalf("daemon exited 0 after losing its bus; want a failure exit\n%s", d.stderr.String())
+		}
+	case <-time.After(3 * time.Second):
+		t.Fatalf("daemon still running 3 s after its bus stopped\n%s", d.stderr.String())
+	}
+}
