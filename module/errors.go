@@ -60,6 +60,7 @@ var (
 	ErrSessionClosed         = code(pkcs11.CKR_SESSION_CLOSED)
 	ErrSessionExists         = code(pkcs11.CKR_SESSION_EXISTS)
 	ErrSessionCount          = code(pkcs11.CKR_SESSION_COUNT)
+	ErrBufferTooSmall        = code(pkcs11.CKR_BUFFER_TOO_SMALL)
 	ErrSessionReadOnly       = code(pkcs11.CKR_SESSION_READ_ONLY)
 	ErrSessionReadOnlyExists = code(pkcs11.CKR_SESSION_READ_ONLY_EXISTS)
 	ErrOperationActive       = code(pkcs11.CKR_OPERATION_ACTIVE)

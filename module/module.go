@@ -48,6 +48,7 @@
 package module
 
 import (
+	"errors"
 	"fmt"
 	"log/slog"
 	"strings"
@@ -273,10 +274,17 @@ func (m *Module) SlotList(tokenPresent bool) ([]uint, error) {
 	if m.ctx == nil {
 		return nil, notInitialized("C_GetSlotList")
 	}
-	start := time.Now()
-	slots, err := m.ctx.GetSlotList(tokenPresent)
-	err = m.result("C_GetSlotList", start, err, slog.Bool("token_present", tokenPresent), slog.Any("slots", slots))
-	return slots, err
+	// miekg asks for the length, then the list: a reader that appears in
+	// between (OpenSC adds slots as readers come) makes the second call
+	// CKR_BUFFER_TOO_SMALL. Asking again is what PKCS#11 expects.
+	for attempt := 1; ; attempt++ {
+		start := time.Now()
+		slots, err := m.ctx.GetSlotList(tokenPresent)
+		err = m.result("C_GetSlotList", start, err, slog.Bool("token_present", tokenPresent), slog.Any("slots", slots))
+		if !errors.Is(err, ErrBufferTooSmall) || attempt == 5 {
+			return slots, err
+		}
+	}
 }
 
 // SlotInfo is C_GetSlotInfo.
