@@ -50,6 +50,7 @@ type Service struct {
 
 	instanceID string
 	sessions   *sessionTable
+	logins     *loginTable
 	callers    *callers
 
 	sub     *monitor.Subscription
@@ -82,6 +83,7 @@ func New(conn *godbus.Conn, mon *monitor.Monitor, modules map[string]*module.Mod
 		done:       make(chan struct{}),
 	}
 	s.sessions = newSessionTable()
+	s.logins = newLoginTable()
 	s.callers = newCallers(conn, opts.Logger)
 	return s
 }
@@ -326,6 +328,7 @@ func (s *Service) removeToken(t *monitor.Token) {
 	for _, sess := range s.sessions.ofGeneration(t.Generation) {
 		s.dropSession(sess)
 	}
+	s.logins.set(t.Generation, "")
 	p := tokenPath(t.Generation)
 	s.objs.remove(p)
 	s.objs.set(slotPath(t.Slot), SlotInterface, "Token", noObject)

@@ -3,6 +3,7 @@ package dbusapi
 import (
 	"context"
 	"crypto/x509"
+	"errors"
 	"fmt"
 	"maps"
 	"slices"
@@ -95,8 +96,44 @@ func (t *sessionTable) ofGeneration(gen uint64) []*brokered {
 	return t.where(func(b *brokered) bool { return b.tok.Generation == gen })
 }
 
+// loginTable records which caller is logged in to each token generation.
+// PKCS#11 login state belongs to the token for the whole process, and
+// slotwatch is that process: without this, one caller's Login would unlock
+// private objects and keys for every other caller's sessions.
+type loginTable struct {
+	mu    sync.Mutex // guards owner
+	owner map[uint64]string
+}
+
+func newLoginTable() *loginTable { return &loginTable{owner: map[uint64]string{}} }
+
+func (l *loginTable) get(gen uint64) string {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.owner[gen]
+}
+
+func (l *loginTable) set(gen uint64, owner string) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	if owner == "" {
+		delete(l.owner, gen)
+	} else {
+		l.owner[gen] = owner
+	}
+}
+
+// loggedInByOther tells whether another caller than owner is logged in to
+// generation gen.
+func (s *Service) loggedInByOther(gen uint64, owner string) bool {
+	lo := s.logins.get(gen)
+	return lo != "" && lo != owner
+}
+
 // closeSession closes a session in the module and takes its object off the
-// bus.
+// bus. When the caller who logged the token in closes its last session on
+// it, slotwatch logs the token out: the login must not outlive its owner
+// for the other callers' sessions.
 func (s *Service) closeSession(b *brokered, why string) error {
 	if !s.sessions.take(b) {
 		return nil
@@ -104,7 +141,44 @@ func (s *Service) closeSession(b *brokered, why string) error {
 	s.objs.remove(b.path)
 	err := b.mod.CloseSession(b.id)
 	s.log.Debug("session closed", "session", b.path, "owner", b.owner, "why", why)
+	gen := b.tok.Generation
+	if s.logins.get(gen) == b.owner {
+		rest := s.sessions.ofGeneration(gen)
+		mine := false
+		for _, r := range rest {
+			mine = mine || r.owner == b.owner
+		}
+		if !mine {
+			if len(rest) > 0 {
+				// Any session logs the token out; PKCS#11 has no per-session login.
+				if lerr := rest[0].mod.Logout(rest[0].id); lerr != nil {
+					s.log.Warn("logging out after the login owner left", "token", tokenPath(gen), "err", lerr)
+				}
+			}
+			s.logins.set(gen, "")
+			s.refreshStates(gen)
+		}
+	}
 	return err
+}
+
+// refreshStates republishes the State of every session of a generation
+// after its login changed. A caller who is not the login owner sees its
+// session as public: it cannot use the login.
+func (s *Service) refreshStates(gen uint64) {
+	lo := s.logins.get(gen)
+	for _, b := range s.sessions.ofGeneration(gen) {
+		st := uint(pkcs11.CKS_RO_PUBLIC_SESSION)
+		if b.rw {
+			st = pkcs11.CKS_RW_PUBLIC_SESSION
+		}
+		if lo == b.owner {
+			if real, err := b.mod.SessionState(b.id); err == nil {
+				st = real
+			}
+		}
+		s.objs.set(b.path, SessionInterface, "State", uint32(st))
+	}
 }
 
 // dropSession takes a dead generation's session off the bus without a
@@ -332,8 +406,12 @@ func (t *tokenObject) listCertificates(caller string) ([]certificate, error) {
 	if err != nil {
 		return nil, err
 	}
+	hidePrivate := t.s.loggedInByOther(t.tok.Generation, caller)
 	certs := []certificate{}
 	for _, o := range objs {
+		if hidePrivate && isPrivate(mod, ms.ID, o) {
+			continue
+		}
 		attrs, err := mod.GetAttributes(ms.ID, o, []*pkcs11.Attribute{
 			pkcs11.NewAttribute(pkcs11.CKA_ID, nil),
 			pkcs11.NewAttribute(pkcs11.CKA_LABEL, nil),
@@ -380,12 +458,6 @@ func (o *sessionObject) begin(msg godbus.Message, method string) (release func()
 	return o.s.hold(o.b.tok.Generation)
 }
 
-func (o *sessionObject) refreshState() {
-	if st, err := o.b.mod.SessionState(o.b.id); err == nil {
-		o.s.objs.set(o.b.path, SessionInterface, "State", uint32(st))
-	}
-}
-
 // checkPIN validates a PIN from a client. An empty PIN means "ask the
 // reader's PIN pad", which only a token with a protected authentication
 // path has.
@@ -423,8 +495,15 @@ func (o *sessionObject) Login(msg godbus.Message, userType uint32, pin []byte) *
 			return err
 		}
 		defer release()
+		gen := o.b.tok.Generation
+		if o.s.loggedInByOther(gen, o.b.owner) {
+			return namedError(ErrAlreadyLoggedIn, "the token is logged in by another client; it must log out (or close its sessions) first")
+		}
 		err = o.b.mod.Login(o.b.id, uint(userType), pin)
-		o.refreshState()
+		if err == nil {
+			o.s.logins.set(gen, o.b.owner)
+		}
+		o.s.refreshStates(gen)
 		return err
 	}()
 	return toDBus(o.s.log, err)
@@ -437,13 +516,18 @@ func (o *sessionObject) Logout(msg godbus.Message) *godbus.Error {
 		return toDBus(o.s.log, err)
 	}
 	defer release()
-	// Some modules (SoftHSM2) answer CKR_OK to a logout nobody asked for;
-	// the contract says NotLoggedIn.
-	if st, err := o.b.mod.SessionState(o.b.id); err == nil && (st == pkcs11.CKS_RO_PUBLIC_SESSION || st == pkcs11.CKS_RW_PUBLIC_SESSION) {
-		return toDBus(o.s.log, namedError(ErrNotLoggedIn, "the token is not logged in"))
+	// Only the caller who logged in can log out. (Some modules, SoftHSM2
+	// among them, also answer CKR_OK to a logout nobody asked for; the
+	// contract says NotLoggedIn.)
+	gen := o.b.tok.Generation
+	if o.s.logins.get(gen) != o.b.owner {
+		return toDBus(o.s.log, namedError(ErrNotLoggedIn, "this client is not logged in to the token"))
 	}
 	err = o.b.mod.Logout(o.b.id)
-	o.refreshState()
+	if err == nil || errors.Is(err, module.ErrUserNotLoggedIn) {
+		o.s.logins.set(gen, "")
+	}
+	o.s.refreshStates(gen)
 	return toDBus(o.s.log, err)
 }
 
@@ -488,8 +572,12 @@ func (o *sessionObject) findObjects(msg godbus.Message, template map[string]godb
 	if err != nil {
 		return nil, err
 	}
+	hidePrivate := o.s.loggedInByOther(o.b.tok.Generation, o.b.owner)
 	out := []foundObject{}
 	for _, h := range handles {
+		if hidePrivate && isPrivate(o.b.mod, o.b.id, h) {
+			continue // visible only through another caller's login
+		}
 		obj, err := o.describe(h)
 		if err != nil {
 			return nil, err
@@ -534,6 +622,17 @@ func (o *sessionObject) describe(h pkcs11.ObjectHandle) (map[string]godbus.Varia
 		}
 	}
 	return res, nil
+}
+
+// isPrivate tells whether an object needs a login to be seen
+// (CKA_PRIVATE); an object whose attribute cannot be read counts as
+// private.
+func isPrivate(mod *module.Module, id uint64, h pkcs11.ObjectHandle) bool {
+	a, err := mod.GetAttributes(id, h, []*pkcs11.Attribute{pkcs11.NewAttribute(pkcs11.CKA_PRIVATE, nil)})
+	if err != nil || len(a) != 1 || len(a[0].Value) == 0 {
+		return true
+	}
+	return a[0].Value[0] != 0
 }
 
 // ulong decodes a CK_ULONG attribute value (native byte order, as miekg
@@ -610,6 +709,9 @@ func (o *sessionObject) sign(msg godbus.Message, keyID []byte, mechanism uint32,
 		return nil, err
 	}
 	defer release()
+	if o.s.loggedInByOther(o.b.tok.Generation, o.b.owner) {
+		return nil, namedError(ErrNotLoggedIn, "the token is logged in by another client, not by this one")
+	}
 	keys, err := o.b.mod.FindObjects(o.b.id, []*pkcs11.Attribute{
 		pkcs11.NewAttribute(pkcs11.CKA_CLASS, pkcs11.CKO_PRIVATE_KEY),
 		pkcs11.NewAttribute(pkcs11.CKA_ID, keyID),

@@ -97,6 +97,28 @@ func TestSessionsBelongToTheirCaller(t *testing.T) {
 		t.Fatalf("ECDSA P-256 signature of %d bytes, want 64", len(sig))
 	}
 
+	// Alice's login is hers: Bob's session on the same token sees no
+	// private object, cannot sign, log in over her, or log her out.
+	var bobObjs []struct{ Attributes map[string]godbus.Variant }
+	if err := bob.Object(busName, b1).Call(sesIface+".FindObjects", 0, map[string]godbus.Variant{"class": godbus.MakeVariant(ckoPriv)}).Store(&bobObjs); err != nil || len(bobObjs) != 0 {
+		t.Fatalf("bob's FindObjects(private keys) while alice is logged in = %v, %v; want none", bobObjs, err)
+	}
+	if err := bob.Object(busName, b1).Call(sesIface+".Sign", 0, []byte{1}, ckmECDSA, digest[:]).Err; errName(err) != errPfx+"NotLoggedIn" {
+		t.Fatalf("bob's Sign with alice's login: %v, want NotLoggedIn", err)
+	}
+	if err := bob.Object(busName, b1).Call(sesIface+".Login", 0, uint32(1), []byte(hsmPIN)).Err; errName(err) != errPfx+"AlreadyLoggedIn" {
+		t.Fatalf("bob's Login while alice is logged in: %v, want AlreadyLoggedIn", err)
+	}
+	if err := bob.Object(busName, b1).Call(sesIface+".Logout", 0).Err; errName(err) != errPfx+"NotLoggedIn" {
+		t.Fatalf("bob's Logout of alice's login: %v, want NotLoggedIn", err)
+	}
+	var aliceState, bobState uint32
+	alice.Object(busName, a1).StoreProperty(sesIface+".State", &aliceState)
+	bob.Object(busName, b1).StoreProperty(sesIface+".State", &bobState)
+	if aliceState != 1 || bobState != 0 {
+		t.Fatalf("session states alice %d, bob %d; want 1 (CKS_RO_USER_FUNCTIONS) and 0 (CKS_RO_PUBLIC_SESSION)", aliceState, bobState)
+	}
+
 	// Bob cannot touch Alice's session.
 	for _, call := range []struct {
 		method string
@@ -129,6 +151,10 @@ func TestSessionsBelongToTheirCaller(t *testing.T) {
 	}
 	if err := bob.Object(busName, b1).Call(sesIface+".FindObjects", 0, map[string]godbus.Variant{}).Store(&objs); err != nil {
 		t.Fatalf("bob's session after alice's CloseAllSessions: %v", err)
+	}
+	// Alice's login left with her last session: Bob can log in now.
+	if err := bob.Object(busName, b1).Call(sesIface+".Login", 0, uint32(1), []byte(hsmPIN)).Err; err != nil {
+		t.Fatalf("bob's Login after alice left: %v", err)
 	}
 }
 
