@@ -72,11 +72,9 @@ func (o *objects) add(path godbus.ObjectPath, ifaces ...iface) error {
 		vals := map[string]any{}
 		props := map[string]*prop.Prop{}
 		for name, v := range ifc.props {
-			emit := prop.EmitTrue
-			if slices.Contains(ifc.constant, name) {
-				emit = prop.EmitConst
-			}
-			props[name] = &prop.Prop{Value: v, Emit: emit}
+			// objects.set emits PropertiesChanged itself, one signal for
+			// every property of an interface that changed together.
+			props[name] = &prop.Prop{Value: v, Emit: prop.EmitFalse}
 			vals[name] = v
 		}
 		pm[ifc.name] = props
@@ -195,22 +193,32 @@ func (g propsGuard) Set(msg godbus.Message, iface, name string, _ godbus.Variant
 	return godbus.NewError(ErrInvalidArgs, []any{fmt.Sprintf("property %s.%s is read-only", iface, name)})
 }
 
-// set changes a property; PropertiesChanged goes out only if the value
-// really changed.
-func (o *objects) set(path godbus.ObjectPath, ifaceName, name string, v any) {
+// set changes properties of one interface of an object and announces the
+// ones that really changed in one PropertiesChanged signal, so a
+// subscriber sees a reader's state and event count change together.
+func (o *objects) set(path godbus.ObjectPath, ifaceName string, values map[string]any) {
 	o.mu.Lock()
 	obj, ok := o.byPath[path]
 	if !ok {
 		o.mu.Unlock()
 		return
 	}
-	if reflect.DeepEqual(obj.values[ifaceName][name], v) {
-		o.mu.Unlock()
+	changed := map[string]godbus.Variant{}
+	for name, v := range values {
+		if old, ok := obj.values[ifaceName][name]; !ok || reflect.DeepEqual(old, v) {
+			continue
+		}
+		obj.values[ifaceName][name] = v
+		changed[name] = godbus.MakeVariant(v)
+	}
+	o.mu.Unlock()
+	if len(changed) == 0 {
 		return
 	}
-	obj.values[ifaceName][name] = v
-	o.mu.Unlock()
-	obj.props.SetMust(ifaceName, name, v)
+	for name, v := range changed {
+		obj.props.SetMust(ifaceName, name, v.Value())
+	}
+	o.conn.Emit(path, propertiesInterface+".PropertiesChanged", ifaceName, changed, []string{})
 }
 
 func (o *objects) has(path godbus.ObjectPath) bool {

@@ -178,25 +178,24 @@ func (s *Service) apply(ev monitor.Event) {
 	case monitor.TokenInserted:
 		s.addToken(ev.Token)
 	case monitor.TokenChanged:
-		s.objs.set(tokenPath(ev.Token.Generation), TokenInterface, "Flags", uint32(ev.Token.Flags))
+		s.objs.set(tokenPath(ev.Token.Generation), TokenInterface, map[string]any{"Flags": uint32(ev.Token.Flags)})
 	case monitor.SlotAdded:
 		s.addSlot(ev.Slot)
 	case monitor.SlotRemoved:
 		s.objs.remove(slotPath(ev.Slot.Key))
 	case monitor.SlotChanged:
 		p := slotPath(ev.Slot.Key)
-		s.objs.set(p, SlotInterface, "Description", ev.Slot.Description)
-		s.objs.set(p, SlotInterface, "Reader", readerPath(ev.Slot.Reader))
-		s.objs.set(p, SlotInterface, "Removable", ev.Slot.Removable)
+		s.objs.set(p, SlotInterface, map[string]any{
+			"Description": ev.Slot.Description,
+			"Reader":      readerPath(ev.Slot.Reader),
+			"Removable":   ev.Slot.Removable,
+		})
 	case monitor.ReaderAdded:
 		s.addReader(ev.Reader)
 	case monitor.ReaderRemoved:
 		s.objs.remove(readerPath(ev.Reader.Name))
 	case monitor.ReaderChanged:
-		p := readerPath(ev.Reader.Name)
-		for k, v := range readerProps(ev.Reader) {
-			s.objs.set(p, ReaderInterface, k, v)
-		}
+		s.objs.set(readerPath(ev.Reader.Name), ReaderInterface, readerProps(ev.Reader))
 	case monitor.ModuleRemoved:
 		s.objs.remove(modulePath(ev.Module.Name))
 	case monitor.ModuleChanged:
@@ -204,13 +203,9 @@ func (s *Service) apply(ev monitor.Event) {
 		if !s.objs.has(p) {
 			s.addModule(ev.Module)
 		}
-		for k, v := range moduleProps(ev.Module) {
-			s.objs.set(p, ModuleInterface, k, v)
-		}
+		s.objs.set(p, ModuleInterface, moduleProps(ev.Module))
 	}
-	for k, v := range s.managerProps(snap) {
-		s.objs.set(RootPath, ManagerInterface, k, v)
-	}
+	s.objs.set(RootPath, ManagerInterface, s.managerProps(snap))
 }
 
 func (s *Service) exportRoot(snap *monitor.Snapshot) error {
@@ -317,7 +312,7 @@ func (s *Service) addToken(t *monitor.Token) {
 	if s.logAdd(p, err) {
 		return
 	}
-	s.objs.set(slotPath(t.Slot), SlotInterface, "Token", p)
+	s.objs.set(slotPath(t.Slot), SlotInterface, map[string]any{"Token": p})
 	s.conn.Emit(RootPath, ManagerInterface+".TokenInserted", p, slotPath(t.Slot), t.Generation)
 }
 
@@ -331,7 +326,7 @@ func (s *Service) removeToken(t *monitor.Token) {
 	s.logins.set(t.Generation, "")
 	p := tokenPath(t.Generation)
 	s.objs.remove(p)
-	s.objs.set(slotPath(t.Slot), SlotInterface, "Token", noObject)
+	s.objs.set(slotPath(t.Slot), SlotInterface, map[string]any{"Token": noObject})
 	s.conn.Emit(RootPath, ManagerInterface+".TokenRemoved", p, slotPath(t.Slot), t.Generation)
 }
 

@@ -177,7 +177,7 @@ func (s *Service) refreshStates(gen uint64) {
 				st = real
 			}
 		}
-		s.objs.set(b.path, SessionInterface, "State", uint32(st))
+		s.objs.set(b.path, SessionInterface, map[string]any{"State": uint32(st)})
 	}
 }
 

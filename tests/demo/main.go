@@ -1,8 +1,11 @@
-// Command demo is what `make demo` runs: a private pcscd with the vpcd
-// driver, the project's virtual card, and `slotwatch watch` printing what it
-// sees while the card is inserted, removed, reinserted, and swapped while
-// slotwatch is frozen (so that it wakes to a single change). Everything runs in a temp dir on loopback ports and is stopped
-// by PID at the end (also on ^C); the machine's pcscd is never touched.
+// Command demo is what `make demo` runs: a private D-Bus bus, a private
+// pcscd with the vpcd driver, the project's virtual card, `slotwatch serve`
+// on that bus, and `slotwatch monitor` printing what a client sees while the
+// card is inserted, removed, reinserted, and swapped while the daemon is
+// frozen (so that it wakes to a single change); then `busctl tree` and
+// `slotwatch list` of the service. Everything runs in a temp dir on
+// loopback ports and private sockets and is stopped by PID at the end (also
+// on ^C); the machine's pcscd and session bus are never touched.
 package main
 
 import (
@@ -52,17 +55,37 @@ func run(bin string) error {
 	defer pcscd.Stop()
 	reader := pcscd.Readers()[0]
 
-	say("starting: %s watch   (OpenSC's PKCS#11 module + PC/SC)", bin)
-	watch := exec.Command(bin, "watch")
-	watch.Env = append(os.Environ(), "PCSCLITE_CSOCK_NAME="+socket, "OPENSC_CONF="+conf)
-	watch.Stdout, watch.Stderr = os.Stdout, os.Stderr
-	if err := watch.Start(); err != nil {
+	bus, err := stack.StartDBus(dir, "")
+	if err != nil {
+		return err
+	}
+	defer bus.Stop()
+	say("started a private D-Bus bus: %s", bus.Address)
+
+	say("starting: %s serve --address BUS --module %s", bin, stack.OpenSCModule)
+	serve := exec.Command(bin, "serve", "--address", bus.Address, "--module", stack.OpenSCModule, "--log-level", "warn")
+	serve.Env = append(os.Environ(), "PCSCLITE_CSOCK_NAME="+socket, "OPENSC_CONF="+conf)
+	serve.Stdout, serve.Stderr = os.Stdout, os.Stderr
+	if err := serve.Start(); err != nil {
 		return err
 	}
 	defer func() {
-		watch.Process.Signal(syscall.SIGTERM)
-		watch.Wait()
+		serve.Process.Signal(syscall.SIGTERM)
+		serve.Wait()
 	}()
+	time.Sleep(500 * time.Millisecond) // the name is owned within a few ms; leave room on a slow machine
+
+	say("starting: %s monitor --address BUS   (a D-Bus client, like pcsc_scan)", bin)
+	monitor := exec.Command(bin, "monitor", "--address", bus.Address)
+	monitor.Stdout, monitor.Stderr = os.Stdout, os.Stderr
+	if err := monitor.Start(); err != nil {
+		return err
+	}
+	defer func() {
+		monitor.Process.Signal(syscall.SIGTERM)
+		monitor.Wait()
+	}()
+	watch := serve // the process the swap step freezes
 
 	interrupted := make(chan os.Signal, 1)
 	signal.Notify(interrupted, os.Interrupt, syscall.SIGTERM)
@@ -97,7 +120,7 @@ func run(bin string) error {
 		{fmt.Sprintf("inserting virtual card \"Demo Card\" into %q", reader), card.Insert},
 		{"removing it", card.Remove},
 		{"inserting it again: a new generation", card.Insert},
-		{"freezing slotwatch (SIGSTOP), swapping in \"Other Card\" while pcscd watches, thawing it (SIGCONT):\n    slotwatch wakes to one change, yet reports the removal and the new generation", func() error {
+		{"freezing the daemon (SIGSTOP), swapping in \"Other Card\" while pcscd watches, thawing it (SIGCONT):\n    slotwatch wakes to one change, yet reports the removal and the new generation", func() error {
 			if err := watch.Process.Signal(syscall.SIGSTOP); err != nil {
 				return err
 			}
@@ -128,6 +151,23 @@ func run(bin string) error {
 			return nil
 		}
 	}
-	say("done; stopping slotwatch and pcscd")
+	if err := card.Insert(); err != nil {
+		return err
+	}
+	pause(2 * time.Second)
+	say("busctl --address BUS tree io.github.slotwatch.Slotwatch1")
+	show(exec.Command("busctl", "--address="+bus.Address, "tree", "io.github.slotwatch.Slotwatch1"))
+	say("%s list --address BUS", bin)
+	show(exec.Command(bin, "list", "--address", bus.Address))
+	say("done; stopping slotwatch, pcscd and the bus")
 	return nil
+}
+
+// show runs a command with its output on ours; a failure is reported, not
+// fatal (busctl may be missing on a minimal system).
+func show(cmd *exec.Cmd) {
+	cmd.Stdout, cmd.Stderr = os.Stdout, os.Stderr
+	if err := cmd.Run(); err != nil {
+		fmt.Fprintf(os.Stderr, "demo: %s: %v\n", cmd.Path, err)
+	}
 }
