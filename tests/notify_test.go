@@ -12,7 +12,8 @@ import (
 )
 
 // TestSdNotify: under a (fake) service manager the daemon says READY=1 once
-// its objects are on the bus, and STOPPING=1 on SIGTERM.
+// its objects are on the bus, pings the watchdog at half its interval, and
+// says STOPPING=1 on SIGTERM.
 func TestSdNotify(t *testing.T) {
 	sock := filepath.Join(t.TempDir(), "notify")
 	l, err := net.ListenUnixgram("unixgram", &net.UnixAddr{Name: sock, Net: "unixgram"})
@@ -28,7 +29,8 @@ func TestSdNotify(t *testing.T) {
 		t.Fatal(err)
 	}
 	bus := stack.StartDBusForTest(t, "")
-	d := startDaemon(t, bus, append(hsm.Env(), "NOTIFY_SOCKET="+sock), "--module", stack.SoftHSMModule, "--no-pcsc")
+	// A 400 ms watchdog: the daemon must ping at half of it.
+	d := startDaemon(t, bus, append(hsm.Env(), "NOTIFY_SOCKET="+sock, "WATCHDOG_USEC=400000"), "--module", stack.SoftHSMModule, "--no-pcsc")
 
 	read := func() string {
 		t.Helper()
@@ -59,9 +61,25 @@ func TestSdNotify(t *testing.T) {
 		t.Fatalf("Manager.State %d (%v), want 1 (running)", state, err)
 	}
 
+	pings := 0
+	for start := time.Now(); time.Since(start) < time.Second; {
+		if msg := read(); strings.Contains(msg, "WATCHDOG=1") {
+			pings++
+		}
+	}
+	if pings < 3 {
+		t.Fatalf("%d watchdog pings in 1 s with WatchdogSec=400ms, want about 5", pings)
+	}
+
 	d.cmd.Process.Signal(syscall.SIGTERM)
-	if msg := read(); !strings.Contains(msg, "STOPPING=1") {
-		t.Fatalf("notification after SIGTERM %q, want STOPPING=1", msg)
+	for {
+		msg := read()
+		if strings.Contains(msg, "STOPPING=1") {
+			break
+		}
+		if !strings.Contains(msg, "WATCHDOG=1") {
+			t.Fatalf("notification after SIGTERM %q, want STOPPING=1", msg)
+		}
 	}
 	select {
 	case <-d.exited:
