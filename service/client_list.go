@@ -379,26 +379,35 @@ func (e *errWriter) Write(p []byte) (int, error) {
 	return n, err
 }
 
-func runList(args []string) error {
+// fetchListing parses a listing command's flags and reads the daemon's
+// objects: what list and sessions share.
+func fetchListing(cmd, synopsis string, args []string) (*listing, clientFlags, string, error) {
 	var cf clientFlags
-	fs := newClientFlagSet("list", "list [--address BUS] [--json]", &cf, true)
+	fs := newClientFlagSet(cmd, synopsis, &cf, true)
 	if err := parseFlags(fs, args); err != nil {
-		return err
+		return nil, cf, "", err
 	}
-	c, err := dialDaemon("list", cf.address)
+	c, err := dialDaemon(cmd, cf.address)
 	if err != nil {
-		return err
+		return nil, cf, "", err
 	}
 	defer c.close()
 	objs, mgr, err := c.fetch()
 	if err != nil {
+		return nil, cf, "", err
+	}
+	return buildListing(objs, mgr, commandLine), cf, c.address, nil
+}
+
+func runList(args []string) error {
+	l, cf, address, err := fetchListing("list", "list [--address BUS] [--json]", args)
+	if err != nil {
 		return err
 	}
-	l := buildListing(objs, mgr, commandLine)
 	if cf.json {
 		err = writeJSON(os.Stdout, l)
 	} else {
-		err = writeListText(os.Stdout, l, c.address)
+		err = writeListText(os.Stdout, l, address)
 	}
 	if err != nil {
 		return failure("list", "writing the output: %v", err)
@@ -407,21 +416,10 @@ func runList(args []string) error {
 }
 
 func runSessions(args []string) error {
-	var cf clientFlags
-	fs := newClientFlagSet("sessions", "sessions [--address BUS] [--json]", &cf, true)
-	if err := parseFlags(fs, args); err != nil {
-		return err
-	}
-	c, err := dialDaemon("sessions", cf.address)
+	l, cf, _, err := fetchListing("sessions", "sessions [--address BUS] [--json]", args)
 	if err != nil {
 		return err
 	}
-	defer c.close()
-	objs, mgr, err := c.fetch()
-	if err != nil {
-		return err
-	}
-	l := buildListing(objs, mgr, commandLine)
 	if cf.json {
 		err = writeJSON(os.Stdout, struct {
 			Sessions []sessionInfo `json:"sessions"`

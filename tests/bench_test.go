@@ -5,12 +5,9 @@ import (
 	"math/rand/v2"
 	"os"
 	"os/exec"
-	"path/filepath"
-	"runtime"
 	"slices"
 	"strconv"
 	"strings"
-	"sync"
 	"testing"
 	"time"
 
@@ -25,26 +22,9 @@ import (
 //
 //	make bench    (or: go test -run '^$' -bench . -benchtime 20x ./tests/)
 
-var (
-	fastOnce sync.Once
-	fastBin  string
-	fastErr  error
-)
-
-func slotwatchFastBin(b *testing.B) string {
-	b.Helper()
-	fastOnce.Do(func() {
-		fastBin = filepath.Join(testDir, "slotwatch-norace")
-		goBin := filepath.Join(runtime.GOROOT(), "bin", "go")
-		if out, err := exec.Command(goBin, "build", "-o", fastBin, "../service").CombinedOutput(); err != nil {
-			fastErr = fmt.Errorf("go build: %v\n%s", err, out)
-		}
-	})
-	if fastErr != nil {
-		b.Fatal(fastErr)
-	}
-	return fastBin
-}
+// slotwatchFastBin is the binary benchmarks run: without the race
+// detector, as users run it.
+func slotwatchFastBin(b *testing.B) string { return buildBinary(b, "slotwatch-norace", false) }
 
 // benchDaemon runs the daemon for a benchmark and waits for its name.
 func benchDaemon(b *testing.B, bus *stack.DBus, env []string, args ...string) *exec.Cmd {

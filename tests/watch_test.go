@@ -19,30 +19,41 @@ import (
 	"github.com/slotwatch/slotwatch/tests/vcard"
 )
 
-var (
-	buildOnce sync.Once
-	builtBin  string
-	buildErr  error
-)
+// builds caches the binaries built for this test process, by file name.
+var builds sync.Map // name → *build
 
-// slotwatchBin builds the binary (with the race detector) once per test
-// process, into the process's temp dir.
-func slotwatchBin(t *testing.T) string {
+type build struct {
+	once sync.Once
+	path string
+	err  error
+}
+
+// buildBinary builds the slotwatch binary once per test process into the
+// process's temp dir, with or without the race detector.
+func buildBinary(t testing.TB, name string, race bool) string {
 	t.Helper()
-	buildOnce.Do(func() {
-		builtBin = filepath.Join(testDir, "slotwatch")
+	v, _ := builds.LoadOrStore(name, &build{})
+	b := v.(*build)
+	b.once.Do(func() {
+		b.path = filepath.Join(testDir, name)
+		args := []string{"build", "-o", b.path}
+		if race {
+			args = append(args, "-race")
+		}
 		// The go that runs this test, also when it is not on PATH.
 		goBin := filepath.Join(runtime.GOROOT(), "bin", "go")
-		out, err := exec.Command(goBin, "build", "-race", "-o", builtBin, "../service").CombinedOutput()
-		if err != nil {
-			buildErr = fmt.Errorf("go build: %v\n%s", err, out)
+		if out, err := exec.Command(goBin, append(args, "../service")...).CombinedOutput(); err != nil {
+			b.err = fmt.Errorf("go build: %v\n%s", err, out)
 		}
 	})
-	if buildErr != nil {
-		t.Fatal(buildErr)
+	if b.err != nil {
+		t.Fatal(b.err)
 	}
-	return builtBin
+	return b.path
 }
+
+// slotwatchBin is the binary the tests run: built with the race detector.
+func slotwatchBin(t testing.TB) string { return buildBinary(t, "slotwatch", true) }
 
 // watchLine is one line of `slotwatch watch --json`.
 type watchLine struct {
