@@ -6,7 +6,7 @@ BIN     := bin/slotwatch
 
 # What the build and the real-stack tests need on Debian 12.
 DEBS := pcscd libpcsclite-dev vsmartcard-vpcd vsmartcard-vpicc python3-virtualsmartcard \
-        opensc-pkcs11 opensc softhsm2 p11-kit dbus gcc pkg-config
+        opensc-pkcs11 opensc softhsm2 p11-kit dbus gcc libc6-dev pkg-config
 
 .PHONY: all deps build test demo bench clean install
 
@@ -27,7 +27,7 @@ build:
 
 # The whole suite against the real stack (private pcscd, dbus-daemon,
 # SoftHSM2 per test), with the race detector.
-test: deps
+test: deps faultmod
 	$(GO) vet ./...
 	$(GO) test -race -count=1 -timeout 20m ./...
 
@@ -36,8 +36,19 @@ test: deps
 demo: deps build
 	$(GO) run ./tests/demo -slotwatch $(BIN)
 
-bench: deps
+bench: deps faultmod
 	$(GO) test -run '^$$' -bench . -benchtime 20x -count 1 ./...
+
+# The fault-injection PKCS#11 module the hardening tests load (C, see
+# tests/faultmod/csrc/faultmod.c). Needs only gcc (and libc6-dev, as cgo
+# does). -z nodelete: its control thread outlives a dlclose; -Bsymbolic: its
+# function list points at its own C_* even if another module's are global.
+.PHONY: faultmod
+faultmod:
+	mkdir -p tests/faultmod/build
+	gcc -shared -fPIC -O2 -Wall -Wextra -pthread -Wl,-z,nodelete -Wl,-Bsymbolic -Itests/faultmod/include \
+		-o tests/faultmod/build/libfaultmod.so.tmp tests/faultmod/csrc/faultmod.c
+	mv tests/faultmod/build/libfaultmod.so.tmp tests/faultmod/build/libfaultmod.so
 
 clean:
 	rm -rf bin

@@ -23,7 +23,7 @@ import (
 	"github.com/slotwatch/slotwatch/tests/vcard"
 )
 
-var pcscSocket string
+var pcscSocket, faultSocket string
 
 func TestMain(m *testing.M) {
 	dir, err := os.MkdirTemp("", "slotwatch-monitor-test-")
@@ -49,6 +49,9 @@ func TestMain(m *testing.M) {
 		os.Exit(1)
 	}
 	os.Setenv("SOFTHSM2_CONF", hsm.Conf)
+	// The fault-injection module listens for its test's commands here.
+	faultSocket = filepath.Join(dir, "faultmod.sock")
+	os.Setenv("FAULTMOD_CONTROL", faultSocket)
 	code := m.Run()
 	os.RemoveAll(dir)
 	os.Exit(code)

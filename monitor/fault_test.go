@@ -1,0 +1,179 @@
+package monitor_test
+
+// Tests with the fault-injection PKCS#11 module (tests/faultmod): what no
+// real module does on demand — errors on cue, a wait that hangs.
+
+import (
+	"context"
+	"testing"
+	"time"
+
+	"github.com/miekg/pkcs11"
+
+	"github.com/slotwatch/slotwatch/module"
+	"github.com/slotwatch/slotwatch/monitor"
+	"github.com/slotwatch/slotwatch/tests/faultmod"
+)
+
+// faultWorld loads the fault module into a monitor (no PC/SC) and returns
+// its control channel.
+func faultWorld(t *testing.T, cfg monitor.Config) (*faultmod.Control, *monitor.Monitor, *monitor.Subscription) {
+	t.Helper()
+	path, err := faultmod.Path()
+	if err != nil {
+		t.Fatal(err)
+	}
+	mod := module.Open(path, module.Options{Name: "fault"})
+	cfg.Modules = []monitor.Module{mod}
+	if cfg.RetryMin == 0 {
+		cfg.RetryMin = 20 * time.Millisecond
+	}
+	mon, err := monitor.New(cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { mon.Close() })
+	ctl, err := faultmod.DialTimeout(faultSocket, 5*time.Second)
+	if err != nil {
+		t.Fatal(err)
+	}
+	// The module stays loaded across tests (one process): start empty.
+	clean := func() {
+		ctl.Reset()
+		for slot := range uint(4) {
+			ctl.Remove(slot) // an empty slot answers an error; fine
+		}
+	}
+	clean()
+	t.Cleanup(func() { clean(); ctl.Close() })
+	_, sub := mon.Subscribe()
+	t.Cleanup(sub.Close)
+	return ctl, mon, sub
+}
+
+// nextEvent returns the next event of one of kinds.
+func nextEvent(t *testing.T, sub *monitor.Subscription, kinds ...monitor.EventKind) monitor.Event {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	for {
+		ev, err := sub.Next(ctx)
+		if err != nil {
+			t.Fatalf("waiting for %v: %v", kinds, err)
+		}
+		for _, k := range kinds {
+			if ev.Kind == k {
+				return ev
+			}
+		}
+	}
+}
+
+// TestFailingModuleIsReinitialized (rule 6): a module whose reads keep
+// failing with CKR_DEVICE_ERROR is reported failed, its tokens are removed,
+// it is finalized and initialized again with backoff, and its token comes
+// back with a new generation.
+func TestFailingModuleIsReinitialized(t *testing.T) {
+	ctl, mon, sub := faultWorld(t, monitor.Config{})
+	if err := ctl.Insert(0, "Fault Token", "f0010001"); err != nil {
+		t.Fatal(err)
+	}
+	first := nextEvent(t, sub, monitor.TokenInserted).Token
+
+	// Three failed reads in a row make the module "failing".
+	if err := ctl.Fail("GetSlotList", pkcs11.CKR_DEVICE_ERROR, 1, 3); err != nil {
+		t.Fatal(err)
+	}
+	if err := ctl.Insert(1, "Second", "f0010002"); err != nil { // a wake-up
+		t.Fatal(err)
+	}
+	removed := nextEvent(t, sub, monitor.TokenRemoved, monitor.TokenInserted)
+	if removed.Kind != monitor.TokenRemoved || removed.Token.Generation != first.Generation {
+		t.Fatalf("after the failures: %v, want removal of generation %d", removed, first.Generation)
+	}
+	if s := removed.Snapshot; s.State != monitor.StateDegraded {
+		t.Fatalf("state %v (%q), want degraded", s.State, s.StateReason)
+	}
+	t.Logf("degraded: %s", removed.Snapshot.StateReason)
+	back := map[string]uint64{}
+	for len(back) < 2 {
+		tok := nextEvent(t, sub, monitor.TokenInserted).Token
+		back[tok.Serial] = tok.Generation
+	}
+	if back["f0010001"] <= first.Generation {
+		t.Fatalf("token after re-initialization has generation %d, want > %d", back["f0010001"], first.Generation)
+	}
+	deadline := time.Now().Add(5 * time.Second)
+	for mon.Snapshot().State != monitor.StateRunning {
+		if time.Now().After(deadline) {
+			t.Fatalf("state %v after recovery, want running", mon.Snapshot().State)
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+	calls, err := ctl.Calls()
+	if err != nil {
+		t.Fatal(err)
+	}
+	inits, finals := 0, 0
+	for _, c := range calls {
+		switch c.Func {
+		case "C_Initialize":
+			inits++
+		case "C_Finalize":
+			finals++
+		}
+	}
+	if finals < 1 || inits < 2 {
+		t.Fatalf("module saw %d C_Initialize and %d C_Finalize, want a re-initialization", inits, finals)
+	}
+}
+
+// TestSlowModuleDoesNotBlockSnapshots (rule 5): while the monitor's loop
+// is stuck in a slow module call, the snapshot stays readable at once.
+func TestSlowModuleDoesNotBlockSnapshots(t *testing.T) {
+	ctl, mon, sub := faultWorld(t, monitor.Config{})
+	if err := ctl.Insert(0, "Slow Token", "51050001"); err != nil {
+		t.Fatal(err)
+	}
+	nextEvent(t, sub, monitor.TokenInserted)
+	if err := ctl.Sleep("GetSlotList", 2*time.Second); err != nil {
+		t.Fatal(err)
+	}
+	if err := ctl.Insert(1, "Another", "51050002"); err != nil { // the loop now reads, slowly
+		t.Fatal(err)
+	}
+	time.Sleep(100 * time.Millisecond)
+	start := time.Now()
+	for range 1000 {
+		if s := mon.Snapshot(); len(s.Tokens()) == 0 {
+			t.Fatal("snapshot lost its token")
+		}
+	}
+	if d := time.Since(start); d > 100*time.Millisecond {
+		t.Fatalf("1000 snapshot reads took %v while the module was slow", d)
+	}
+	ctl.Sleep("GetSlotList", 0)
+}
+
+// TestCloseWithAHungWait: a module whose C_WaitForSlotEvent ignores
+// C_Finalize cannot hold Close forever: the waiter is given up after 2 s.
+func TestCloseWithAHungWait(t *testing.T) {
+	ctl, mon, _ := faultWorld(t, monitor.Config{})
+	if err := ctl.SetWait(faultmod.WaitHang, 0); err != nil {
+		t.Fatal(err)
+	}
+	if err := ctl.Insert(0, "Hang", "4a000001"); err != nil { // make the waiter enter the hanging wait
+		t.Fatal(err)
+	}
+	time.Sleep(200 * time.Millisecond)
+	start := time.Now()
+	done := make(chan struct{})
+	go func() { mon.Close(); close(done) }()
+	select {
+	case <-done:
+	case <-time.After(4 * time.Second):
+		t.Fatal("Close did not return within 4 s with a hung wait")
+	}
+	t.Logf("Close returned after %v with a wait that ignores C_Finalize", time.Since(start).Round(time.Millisecond))
+	ctl.SetWait(faultmod.WaitBlock, 0) // let the lost thread go
+}
