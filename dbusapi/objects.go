@@ -9,47 +9,47 @@ import (
 	"sync"
 
 	godbus "github.com/godbus/dbus/v5"
-	"github.com/godbus/dbus/v5/prop"
 
 	ifxml "github.com/slotwatch/slotwatch/xml"
 )
 
-// objects is the exported object tree: it exports and unexports objects on
-// the connection, keeps their property values, and is the ObjectManager at
-// the root (GetManagedObjects, InterfacesAdded, InterfacesRemoved). godbus
-// has no ObjectManager; this one is small and locked.
+// objects is the object tree: every object's interfaces, method handlers
+// and property values, and the ObjectManager at the root
+// (GetManagedObjects, InterfacesAdded, InterfacesRemoved). godbus has no
+// ObjectManager; this one is small and locked.
+//
+// godbus never sees the objects one by one: the service exports one
+// handler per interface for the whole subtree of the root (dispatch.go),
+// which looks the called path up here. Adding or removing an object is
+// therefore one map operation, and a call racing a removal finds either
+// the live object or its tombstone, never a half-removed export.
 //
 // The service's event goroutine adds and removes tokens, readers, slots
 // and modules; method calls add and remove sessions; D-Bus calls read the
-// tree (GetManagedObjects, Introspect) concurrently.
+// tree concurrently.
 type objects struct {
 	conn *godbus.Conn
 
-	// exportMu serializes Export calls: godbus reads its object map
-	// without a lock while exporting.
-	exportMu sync.Mutex
-
-	mu     sync.RWMutex // guards byPath
+	mu     sync.RWMutex // guards byPath and every object's values
 	byPath map[godbus.ObjectPath]*object
 }
 
-// object is one exported path: its interfaces with their properties and
-// method handlers.
+// object is one path: its interfaces with their properties and method
+// handlers.
 type object struct {
-	path  godbus.ObjectPath
-	props *prop.Properties
-	// values mirrors the property values, to tell real changes apart and to
-	// answer GetManagedObjects without reflection on prop's pointers.
-	values map[string]map[string]any
-	ifaces []string // interface names in export order
+	path     godbus.ObjectPath
+	ifaces   []string                  // interface names, in order
+	handlers map[string]any            // interface → methods (none for properties-only ones)
+	values   map[string]map[string]any // interface → property → value
 }
 
 // iface describes one interface of an object being added.
 type iface struct {
 	name    string
-	methods any            // exported with godbus (nil: properties only)
+	methods any            // the interface's method handler (nil: properties only)
 	props   map[string]any // name → value
-	// constant lists properties that never change for this object.
+	// constant lists properties that never change for this object
+	// (documented in xml/; here only for readers of the code).
 	constant []string
 }
 
@@ -57,140 +57,73 @@ func newObjects(conn *godbus.Conn) *objects {
 	return &objects{conn: conn, byPath: map[godbus.ObjectPath]*object{}}
 }
 
-// add exports an object and announces it with InterfacesAdded.
-//
-// Every interface is exported for the object's subtree too (godbus's
-// ExportSubtree): a call to a path below the object then reaches these
-// handlers, which answer UnknownObject because the path is not theirs
-// (checkCall, propsGuard). Without it godbus would answer UnknownInterface
-// for paths that do not exist.
+// add puts an object on the bus and announces it with InterfacesAdded.
 func (o *objects) add(path godbus.ObjectPath, ifaces ...iface) error {
-	obj := &object{path: path, values: map[string]map[string]any{}}
-	pm := prop.Map{}
+	obj := &object{path: path, handlers: map[string]any{}, values: map[string]map[string]any{}}
 	for _, ifc := range ifaces {
 		obj.ifaces = append(obj.ifaces, ifc.name)
+		if ifc.methods != nil {
+			obj.handlers[ifc.name] = ifc.methods
+		}
 		vals := map[string]any{}
-		props := map[string]*prop.Prop{}
 		for name, v := range ifc.props {
-			// objects.set emits PropertiesChanged itself, one signal for
-			// every property of an interface that changed together.
-			props[name] = &prop.Prop{Value: v, Emit: prop.EmitFalse}
 			vals[name] = v
 		}
-		pm[ifc.name] = props
 		obj.values[ifc.name] = vals
 	}
-	o.exportMu.Lock()
-	err := func() error {
-		for _, ifc := range ifaces {
-			if ifc.methods != nil {
-				if err := o.conn.ExportSubtree(ifc.methods, path, ifc.name); err != nil {
-					return err
-				}
-			}
-		}
-		p, err := prop.Export(o.conn, path, pm)
-		if err != nil {
-			return err
-		}
-		obj.props = p
-		if err := o.conn.ExportSubtree(propsGuard{path: path, p: p}, path, propertiesInterface); err != nil {
-			return err
-		}
-		return o.conn.ExportSubtree(introspector{o}, path, introspectInterface)
-	}()
-	o.exportMu.Unlock()
-	if err != nil {
-		return err
-	}
 	o.mu.Lock()
+	if _, dup := o.byPath[path]; dup {
+		o.mu.Unlock()
+		return fmt.Errorf("object %s exists already", path)
+	}
 	o.byPath[path] = obj
+	managed := obj.managedLocked()
 	o.mu.Unlock()
-	return o.conn.Emit(RootPath, objectManagerInterface+".InterfacesAdded", path, obj.managed())
+	return o.conn.Emit(RootPath, objectManagerInterface+".InterfacesAdded", path, managed)
 }
 
-// remove unexports an object and announces it with InterfacesRemoved.
+// remove takes an object off the bus and announces it with
+// InterfacesRemoved.
 func (o *objects) remove(path godbus.ObjectPath) {
 	o.mu.Lock()
 	obj, ok := o.byPath[path]
 	delete(o.byPath, path)
 	o.mu.Unlock()
+	if ok {
+		o.conn.Emit(RootPath, objectManagerInterface+".InterfacesRemoved", path, obj.ifaces)
+	}
+}
+
+// handler returns the method handler of interface name at path.
+func (o *objects) handler(path godbus.ObjectPath, name string) (any, bool) {
+	o.mu.RLock()
+	defer o.mu.RUnlock()
+	obj, ok := o.byPath[path]
 	if !ok {
-		return
+		return nil, false
 	}
-	o.exportMu.Lock()
-	for _, name := range obj.ifaces {
-		o.conn.Export(nil, path, name)
-	}
-	o.conn.Export(nil, path, propertiesInterface)
-	o.conn.Export(nil, path, introspectInterface)
-	o.exportMu.Unlock()
-	o.conn.Emit(RootPath, objectManagerInterface+".InterfacesRemoved", path, obj.ifaces)
+	h, ok := obj.handlers[name]
+	return h, ok
 }
 
-// export exports one handler for a path's subtree, serialized with add and
-// remove.
-func (o *objects) export(v any, path godbus.ObjectPath, iface string) error {
-	o.exportMu.Lock()
-	defer o.exportMu.Unlock()
-	return o.conn.ExportSubtree(v, path, iface)
-}
-
-// propsGuard is org.freedesktop.DBus.Properties of one object: godbus's
-// prop package keeps the values and emits PropertiesChanged; this answers
-// with the contract's errors, as GDBus does: every property is read-only,
-// and an unknown interface or property is InvalidArgs.
-type propsGuard struct {
-	path godbus.ObjectPath
-	p    *prop.Properties
-}
-
-func (g propsGuard) check(msg godbus.Message, sig string) *godbus.Error {
-	if got := msgPath(msg); got != g.path {
-		return unknownObject(got)
+// get returns a copy of the property values of interface name at path;
+// exists says whether there is an object at path at all.
+func (o *objects) get(path godbus.ObjectPath, name string) (vals map[string]godbus.Variant, exists, ok bool) {
+	o.mu.RLock()
+	defer o.mu.RUnlock()
+	obj, exists := o.byPath[path]
+	if !exists {
+		return nil, false, false
 	}
-	got := ""
-	if v, ok := msg.Headers[godbus.FieldSignature]; ok {
-		if s, ok := v.Value().(godbus.Signature); ok {
-			got = s.String()
-		}
+	props, ok := obj.values[name]
+	if !ok {
+		return nil, true, false
 	}
-	if got != sig {
-		return godbus.NewError(ErrInvalidArgs, []any{fmt.Sprintf("takes (%s), got (%s)", sig, got)})
+	vals = map[string]godbus.Variant{}
+	for k, v := range props {
+		vals[k] = godbus.MakeVariant(v)
 	}
-	return nil
-}
-
-func (g propsGuard) Get(msg godbus.Message, iface, name string) (godbus.Variant, *godbus.Error) {
-	if err := g.check(msg, "ss"); err != nil {
-		return godbus.Variant{}, err
-	}
-	v, err := g.p.Get(iface, name)
-	if err != nil {
-		return godbus.Variant{}, godbus.NewError(ErrInvalidArgs, []any{fmt.Sprintf("no property %s.%s on %s", iface, name, g.path)})
-	}
-	return v, nil
-}
-
-func (g propsGuard) GetAll(msg godbus.Message, iface string) (map[string]godbus.Variant, *godbus.Error) {
-	if err := g.check(msg, "s"); err != nil {
-		return nil, err
-	}
-	v, err := g.p.GetAll(iface)
-	if err != nil {
-		return nil, godbus.NewError(ErrInvalidArgs, []any{fmt.Sprintf("no interface %s on %s", iface, g.path)})
-	}
-	return v, nil
-}
-
-func (g propsGuard) Set(msg godbus.Message, iface, name string, _ godbus.Variant) *godbus.Error {
-	if err := g.check(msg, "ssv"); err != nil {
-		return err
-	}
-	if _, err := g.p.Get(iface, name); err != nil {
-		return godbus.NewError(ErrInvalidArgs, []any{fmt.Sprintf("no property %s.%s on %s", iface, name, g.path)})
-	}
-	return godbus.NewError(ErrInvalidArgs, []any{fmt.Sprintf("property %s.%s is read-only", iface, name)})
+	return vals, true, true
 }
 
 // set changes properties of one interface of an object and announces the
@@ -212,13 +145,9 @@ func (o *objects) set(path godbus.ObjectPath, ifaceName string, values map[strin
 		changed[name] = godbus.MakeVariant(v)
 	}
 	o.mu.Unlock()
-	if len(changed) == 0 {
-		return
+	if len(changed) > 0 {
+		o.conn.Emit(path, propertiesInterface+".PropertiesChanged", ifaceName, changed, []string{})
 	}
-	for name, v := range changed {
-		obj.props.SetMust(ifaceName, name, v.Value())
-	}
-	o.conn.Emit(path, propertiesInterface+".PropertiesChanged", ifaceName, changed, []string{})
 }
 
 func (o *objects) has(path godbus.ObjectPath) bool {
@@ -228,9 +157,9 @@ func (o *objects) has(path godbus.ObjectPath) bool {
 	return ok
 }
 
-// managed is the a{sa{sv}} of an object for GetManagedObjects and
-// InterfacesAdded.
-func (obj *object) managed() map[string]map[string]godbus.Variant {
+// managedLocked is the a{sa{sv}} of an object for GetManagedObjects and
+// InterfacesAdded; objects.mu must be held.
+func (obj *object) managedLocked() map[string]map[string]godbus.Variant {
 	out := map[string]map[string]godbus.Variant{}
 	for _, name := range obj.ifaces {
 		vals := map[string]godbus.Variant{}
@@ -257,7 +186,7 @@ func (m objectManager) GetManagedObjects(msg godbus.Message) (map[godbus.ObjectP
 		if path == RootPath {
 			continue // the ObjectManager's own object is not one it manages
 		}
-		out[path] = obj.managed()
+		out[path] = obj.managedLocked()
 	}
 	return out, nil
 }

@@ -99,7 +99,7 @@ func (s *Service) Start() error {
 		sub.Close()
 		return err
 	}
-	if err := s.exportTombstones(); err != nil {
+	if err := s.exportDispatch(); err != nil {
 		sub.Close()
 		return err
 	}

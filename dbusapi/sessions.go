@@ -280,12 +280,16 @@ func (t *tokenObject) openSession(owner string, readWrite bool) (godbus.ObjectPa
 	// closes that window (the snapshot changes before the event is applied).
 	if _, live := s.mon.Snapshot().Token(t.tok.Generation); !live {
 		s.dropSession(b)
+		// removeToken may have taken the session from the table before its
+		// object was added: then only this call can remove the object.
+		s.objs.remove(b.path)
 		return noObject, monitor.ErrTokenRemoved
 	}
 	// A caller that left before we registered it is not seen by
 	// NameOwnerChanged any more.
 	if b.pid == 0 && !s.nameHasOwner(owner) {
 		s.closeSession(b, "owner left the bus")
+		s.objs.remove(b.path)
 		return noObject, namedError(ErrTokenRemoved, "caller %s left the bus", owner)
 	}
 	return b.path, nil
@@ -589,18 +593,29 @@ func (o *sessionObject) findObjects(msg godbus.Message, template map[string]godb
 
 // describe reads the result keys of one object, one attribute at a time:
 // an attribute the object does not have (key_type of a certificate) must
-// not fail the others.
+// not fail the others. Any other error (the token went meanwhile) fails the
+// call: a half-described object would mislead.
 func (o *sessionObject) describe(h pkcs11.ObjectHandle) (map[string]godbus.Variant, error) {
+	var failed error
 	get := func(t uint) ([]byte, bool) {
 		a, err := o.b.mod.GetAttributes(o.b.id, h, []*pkcs11.Attribute{pkcs11.NewAttribute(t, nil)})
-		if err != nil || len(a) != 1 {
+		switch {
+		case err == nil && len(a) == 1:
+			return a[0].Value, true
+		case err == nil, errors.Is(err, module.ErrAttributeTypeInvalid), errors.Is(err, module.ErrAttributeSensitive):
 			return nil, false
 		}
-		return a[0].Value, true
+		if failed == nil {
+			failed = err
+		}
+		return nil, false
 	}
 	res := map[string]godbus.Variant{}
 	class, ok := get(pkcs11.CKA_CLASS)
 	if !ok {
+		if failed != nil {
+			return nil, failed
+		}
 		return nil, fmt.Errorf("object %d has no CKA_CLASS", h)
 	}
 	cls := ulong(class)
@@ -620,6 +635,9 @@ func (o *sessionObject) describe(h pkcs11.ObjectHandle) (map[string]godbus.Varia
 		if v, ok := get(pkcs11.CKA_VALUE); ok {
 			res["value"] = godbus.MakeVariant(append([]byte{}, v...))
 		}
+	}
+	if failed != nil {
+		return nil, failed
 	}
 	return res, nil
 }

@@ -32,6 +32,10 @@
 //     unloaded library. WaitForSlotEvent alone does not hold it while
 //     blocked (it holds its own reference to the library instead), because
 //     C_Finalize is how a blocked wait is cancelled.
+//     2b. Module.handles: an RWMutex over session handle values. Every call
+//     that passes a session handle to the module holds it for reading;
+//     OpenSession holds it for writing from C_OpenSession until it has
+//     checked the handle it got (see OpenSession: handle reuse).
 //  3. The slot lock, one per slot id: OpenSession, InitToken and
 //     ReclaimSlot's C_CloseAllSessions, so no session of ours can appear on
 //     a slot between the check and the call.
@@ -75,6 +79,8 @@ type Module struct {
 
 	refMu sync.Mutex // order 1
 	refs  int        // Initialize calls without their Finalize
+
+	handles sync.RWMutex // order 2b; see OpenSession
 
 	life sync.RWMutex // order 2; guards ctx and lib
 	ctx  *pkcs11.Ctx  // nil while not loaded and initialized

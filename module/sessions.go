@@ -50,6 +50,15 @@ func (m *Module) slotLock(slot uint) *sync.Mutex {
 // A generation already retired on this slot (RetireGeneration, ReclaimSlot)
 // is refused with ErrStaleGeneration: the token now in the slot is a
 // different one.
+//
+// Handle reuse: when a token is pulled, the module frees its sessions'
+// handles at once, before slotwatch learns of the removal, and may hand the
+// same value to the next session opened — on any slot. A session record
+// still holding that value would then reach the new session. So
+// OpenSession runs alone among handle-using calls (handles, for writing),
+// and any live record holding the value the module just handed out is
+// stale: it is closed without a C call, so that its next call fails before
+// reaching the module.
 func (m *Module) OpenSession(owner string, slot uint, generation uint64, readWrite bool) (*Session, error) {
 	const fn = "C_OpenSession"
 	m.life.RLock()
@@ -57,6 +66,8 @@ func (m *Module) OpenSession(owner string, slot uint, generation uint64, readWri
 	if m.ctx == nil {
 		return nil, notInitialized(fn)
 	}
+	m.handles.Lock()
+	defer m.handles.Unlock()
 	sl := m.slotLock(slot)
 	sl.Lock()
 	defer sl.Unlock()
@@ -79,6 +90,20 @@ func (m *Module) OpenSession(owner string, slot uint, generation uint64, readWri
 
 	m.regMu.Lock()
 	defer m.regMu.Unlock()
+	for id, old := range m.sessions {
+		if old.Handle == h {
+			// No call runs on it (we hold handles for writing), so its
+			// lock is free and closing it here is final.
+			old.mu.Lock()
+			old.closed = true
+			old.mu.Unlock()
+			delete(m.sessions, id)
+			if m.log != nil {
+				m.log.Debug("session handle reused by the module: the older session's token is gone",
+					"handle", uint64(h), "stale_session", id, "stale_slot", old.Slot, "stale_generation", old.Generation)
+			}
+		}
+	}
 	m.nextID++
 	s := &session{Session: Session{
 		ID:         m.nextID,
@@ -118,6 +143,8 @@ func (m *Module) CloseSession(id uint64) error {
 // closeOne closes a session already removed from the registry. Called with
 // life held for reading.
 func (m *Module) closeOne(s *session) error {
+	m.handles.RLock()
+	defer m.handles.RUnlock()
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	if s.closed {
@@ -314,6 +341,8 @@ func (m *Module) withSession(fn string, id uint64, f func(s *session) error) err
 	if m.ctx == nil {
 		return notInitialized(fn)
 	}
+	m.handles.RLock()
+	defer m.handles.RUnlock()
 	m.regMu.Lock()
 	s, ok := m.sessions[id]
 	m.regMu.Unlock()

@@ -812,9 +812,12 @@ static int obj_kind(struct fm_session *s, CK_OBJECT_HANDLE h) {
 
 enum { ATTR_NONE, ATTR_OK, ATTR_SENSITIVE };
 
-/* obj_attr finds attribute t of an object of kind: *val and *len, with
- * small values built in tmp. */
-static int obj_attr(int kind, CK_ATTRIBUTE_TYPE t, unsigned char *tmp, const void **val, CK_ULONG *len) {
+/* obj_attr finds attribute t of an object of kind on the token with
+ * serial: *val and *len, with small values built in tmp (ATTR_TMP bytes).
+ * The certificate's label names the token's serial, so a test can tell
+ * whose objects a session sees. */
+#define ATTR_TMP 64
+static int obj_attr(int kind, const char *serial, CK_ATTRIBUTE_TYPE t, unsigned char *tmp, const void **val, CK_ULONG *len) {
 	static const unsigned char id[] = {0x01};
 	static const unsigned char ec_params[] = {0x06, 0x08, 0x2a, 0x86, 0x48, 0xce, 0x3d, 0x03, 0x01, 0x07};
 	static const char cert_label[] = "faultmod certificate", key_label[] = "faultmod key";
@@ -838,8 +841,13 @@ static int obj_attr(int kind, CK_ATTRIBUTE_TYPE t, unsigned char *tmp, const voi
 		*len = sizeof id;
 		return ATTR_OK;
 	case CKA_LABEL:
-		*val = kind == OBJ_CERT ? cert_label : key_label;
-		*len = strlen(*val);
+		if (kind == OBJ_CERT) {
+			*len = (CK_ULONG)snprintf((char *)tmp, ATTR_TMP, "%s %s", cert_label, serial);
+			*val = tmp;
+		} else {
+			*val = key_label;
+			*len = strlen(key_label);
+		}
 		return ATTR_OK;
 	}
 	if (kind == OBJ_CERT) {
@@ -904,12 +912,12 @@ bbool:
 	return ATTR_OK;
 }
 
-static int obj_matches(int kind, CK_ATTRIBUTE_PTR tmpl, CK_ULONG n) {
+static int obj_matches(int kind, const char *serial, CK_ATTRIBUTE_PTR tmpl, CK_ULONG n) {
 	for (CK_ULONG i = 0; i < n; i++) {
-		unsigned char tmp[sizeof(CK_ULONG)];
+		unsigned char tmp[ATTR_TMP];
 		const void *v;
 		CK_ULONG l;
-		if (obj_attr(kind, tmpl[i].type, tmp, &v, &l) != ATTR_OK) return 0;
+		if (obj_attr(kind, serial, tmpl[i].type, tmp, &v, &l) != ATTR_OK) return 0;
 		if (l != tmpl[i].ulValueLen || (l != 0 && (tmpl[i].pValue == NULL || memcmp(v, tmpl[i].pValue, l) != 0)))
 			return 0;
 	}
@@ -1226,10 +1234,10 @@ FM_EXPORT CK_RV C_GetAttributeValue(CK_SESSION_HANDLE hSession, CK_OBJECT_HANDLE
 	if (pTemplate == NULL && ulCount != 0) END(CKR_ARGUMENTS_BAD);
 	CK_RV rv = CKR_OK;
 	for (CK_ULONG i = 0; i < ulCount; i++) {
-		unsigned char tmp[sizeof(CK_ULONG)];
+		unsigned char tmp[ATTR_TMP];
 		const void *v;
 		CK_ULONG l;
-		switch (obj_attr(kind, pTemplate[i].type, tmp, &v, &l)) {
+		switch (obj_attr(kind, g_slots[s->slot].serial, pTemplate[i].type, tmp, &v, &l)) {
 		case ATTR_NONE:
 			pTemplate[i].ulValueLen = CK_UNAVAILABLE_INFORMATION;
 			rv = CKR_ATTRIBUTE_TYPE_INVALID;
@@ -1260,7 +1268,7 @@ FM_EXPORT CK_RV C_FindObjectsInit(CK_SESSION_HANDLE hSession, CK_ATTRIBUTE_PTR p
 	s->find_n = s->find_pos = 0;
 	for (int kind = OBJ_CERT; kind <= OBJ_KEY; kind++) {
 		CK_OBJECT_HANDLE h = obj_handle(s->slot, kind);
-		if (obj_kind(s, h) == kind && obj_matches(kind, pTemplate, ulCount)) s->find_res[s->find_n++] = h;
+		if (obj_kind(s, h) == kind && obj_matches(kind, g_slots[s->slot].serial, pTemplate, ulCount)) s->find_res[s->find_n++] = h;
 	}
 	s->find_active = 1;
 	END(CKR_OK);

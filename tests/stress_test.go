@@ -1,0 +1,216 @@
+package tests
+
+import (
+	"fmt"
+	"os"
+	"strconv"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	godbus "github.com/godbus/dbus/v5"
+)
+
+// stressCount reads a stress size from the environment (make stress sets
+// the full figures); the default is the short form make test runs.
+func stressCount(name string, short int) int {
+	if n, err := strconv.Atoi(os.Getenv(name)); err == nil && n > 0 {
+		return n
+	}
+	return short
+}
+
+// TestStressReplugWithClients: tokens come and go across 4 slots of the
+// fault module as fast as the control channel allows, with handle values
+// reused by the module right after each removal, while clients open
+// sessions, list objects and close them. No client may ever see another
+// token's objects through its session (the use-after-free a stale handle
+// would cause), generations strictly increase per slot, the daemon stays up,
+// and no session is left at the end.
+func TestStressReplugWithClients(t *testing.T) {
+	cycles := stressCount("SLOTWATCH_STRESS_CYCLES", 400)
+	const slots, clients = 4, 4
+	bus, ctl := faultDaemon(t)
+	if err := ctl.ReuseHandles(true); err != nil {
+		t.Fatal(err)
+	}
+	sub := subscribe(t, bus)
+
+	// The subscriber's check: per slot, insertions alternate with removals
+	// and generations only grow.
+	var inserted, removed atomic.Int64
+	subDone := make(chan error, 1)
+	stop := make(chan struct{})
+	go func() {
+		last := map[godbus.ObjectPath]uint64{}
+		live := map[godbus.ObjectPath]uint64{}
+		for {
+			select {
+			case sig := <-sub.ch:
+				switch sig.Name {
+				case sigInserted:
+					slot, gen := sig.Body[1].(godbus.ObjectPath), sig.Body[2].(uint64)
+					if gen <= last[slot] || live[slot] != 0 {
+						subDone <- fmt.Errorf("slot %s: inserted generation %d after %d (live %d)", slot, gen, last[slot], live[slot])
+						return
+					}
+					last[slot], live[slot] = gen, gen
+					inserted.Add(1)
+				case sigRemoved:
+					slot, gen := sig.Body[1].(godbus.ObjectPath), sig.Body[2].(uint64)
+					if live[slot] != gen {
+						subDone <- fmt.Errorf("slot %s: removed generation %d, live is %d", slot, gen, live[slot])
+						return
+					}
+					live[slot] = 0
+					removed.Add(1)
+				}
+			case <-stop:
+				subDone <- nil
+				return
+			}
+		}
+	}()
+
+	// Clients: open a session on whatever token is there, look at its
+	// certificate (labelled with its token's serial), close.
+	var sessionsOpened, crossings atomic.Int64
+	var wg sync.WaitGroup
+	unexpected := make(chan error, clients)
+	for range clients {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			conn, err := godbus.Connect(bus.Address)
+			if err != nil {
+				unexpected <- err
+				return
+			}
+			defer conn.Close()
+			for {
+				select {
+				case <-stop:
+					return
+				default:
+				}
+				var objs map[godbus.ObjectPath]map[string]map[string]godbus.Variant
+				if err := conn.Object(busName, rootPath).Call("org.freedesktop.DBus.ObjectManager.GetManagedObjects", 0).Store(&objs); err != nil {
+					unexpected <- err
+					return
+				}
+				for p, ifs := range objs {
+					props, ok := ifs[tokIface]
+					if !ok {
+						continue
+					}
+					serial := props["Serial"].Value().(string)
+					var s godbus.ObjectPath
+					if err := conn.Object(busName, p).Call(tokIface+".OpenSession", 0, false).Store(&s); err != nil {
+						if !raceError(err) {
+							unexpected <- fmt.Errorf("OpenSession on %s: %v", p, err)
+							return
+						}
+						continue
+					}
+					sessionsOpened.Add(1)
+					var found []struct{ Attributes map[string]godbus.Variant }
+					err := conn.Object(busName, s).Call(sesIface+".FindObjects", 0, map[string]godbus.Variant{"class": godbus.MakeVariant(uint32(1))}).Store(&found)
+					switch {
+					case err == nil:
+						for _, o := range found {
+							if label, _ := o.Attributes["label"].Value().(string); !strings.HasSuffix(label, " "+serial) {
+								crossings.Add(1)
+								t.Errorf("session %s of token %s (serial %s) sees %q", s, p, serial, label)
+							}
+						}
+					case !raceError(err):
+						unexpected <- fmt.Errorf("FindObjects on %s: %v", s, err)
+						return
+					}
+					if err := conn.Object(busName, s).Call(sesIface+".Close", 0).Err; err != nil && !raceError(err) && errName(err) != "org.freedesktop.DBus.Error.UnknownObject" {
+						unexpected <- fmt.Errorf("Close %s: %v", s, err)
+						return
+					}
+				}
+			}
+		}()
+	}
+
+	start := time.Now()
+	present := make([]bool, slots)
+	for i := range cycles {
+		slot := uint(i % slots)
+		var err error
+		if present[slot] {
+			err = ctl.Remove(slot)
+		} else {
+			err = ctl.Insert(slot, fmt.Sprintf("Stress %d", i), fmt.Sprintf("%08x", i))
+		}
+		if err != nil {
+			t.Fatal(err)
+		}
+		present[slot] = !present[slot]
+		// A token lives a few milliseconds: long enough for clients to
+		// race its removal, which is the point.
+		time.Sleep(2 * time.Millisecond)
+	}
+	elapsed := time.Since(start)
+	time.Sleep(500 * time.Millisecond) // the last changes reach the bus
+	close(stop)
+	wg.Wait()
+	select {
+	case err := <-unexpected:
+		t.Fatal(err)
+	default:
+	}
+	if err := <-subDone; err != nil {
+		t.Fatal(err)
+	}
+	conn := dial(t, bus)
+	objs := managedObjects(t, conn)
+	tokens, sessions := 0, 0
+	for p := range objs {
+		switch {
+		case isUnder(p, "tokens"):
+			tokens++
+		case isUnder(p, "sessions"):
+			sessions++
+		}
+	}
+	want := 0
+	for _, p := range present {
+		if p {
+			want++
+		}
+	}
+	if tokens != want || sessions != 0 {
+		t.Fatalf("at the end: %d tokens (want %d), %d sessions left (want 0)", tokens, want, sessions)
+	}
+	calls, err := ctl.Calls()
+	if err != nil {
+		t.Fatal(err)
+	}
+	deadHandle := 0
+	for _, c := range calls {
+		if c.Handle != 0 && c.Serial == "" && c.Func != "C_OpenSession" {
+			deadHandle++
+		}
+	}
+	t.Logf("%d token changes in %v (%d insertions, %d removals on the bus), %d sessions opened by %d clients, %d cross-token results, %d module calls with a handle of an already removed token (calls in flight when their token went)",
+		cycles, elapsed.Round(time.Millisecond), inserted.Load(), removed.Load(), sessionsOpened.Load(), clients, crossings.Load(), deadHandle)
+	if sessionsOpened.Load() == 0 {
+		t.Fatal("no client got a session: the test did not test anything")
+	}
+}
+
+// raceError tells the errors a client can get when its token goes while it
+// works: the contract's answer to a removal.
+func raceError(err error) bool {
+	switch errName(err) {
+	case errPfx + "TokenRemoved", errPfx + "Busy":
+		return true
+	}
+	return false
+}
