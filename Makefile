@@ -8,7 +8,7 @@ BIN     := bin/slotwatch
 DEBS := pcscd libpcsclite-dev vsmartcard-vpcd vsmartcard-vpicc python3-virtualsmartcard \
         opensc-pkcs11 opensc softhsm2 p11-kit dbus gcc libc6-dev pkg-config
 
-.PHONY: all deps build test demo bench clean install
+.PHONY: all deps build test demo bench stress clean install
 
 all: build
 
@@ -35,6 +35,12 @@ test: deps faultmod
 # "slotwatch watch" printing each event with its generation.
 demo: deps build
 	$(GO) run ./tests/demo -slotwatch $(BIN)
+
+# The full stress figures (make test runs short forms of the same tests):
+# 100,000 token changes on the fault module with concurrent clients, the
+# daemon built without the race detector so that its memory can be judged.
+stress: deps faultmod
+	SLOTWATCH_TEST_NORACE=1 SLOTWATCH_STRESS_CYCLES=100000 $(GO) test -count=1 -timeout 60m -run 'Stress' -v ./tests/
 
 bench: deps faultmod
 	$(GO) test -run '^$$' -bench . -benchtime 20x -count 1 ./...

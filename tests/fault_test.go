@@ -15,6 +15,12 @@ import (
 // faultDaemon runs slotwatch serve with the fault-injection module and
 // returns its control channel.
 func faultDaemon(t *testing.T) (*stack.DBus, *faultmod.Control) {
+	bus, ctl, _ := faultDaemonProc(t)
+	return bus, ctl
+}
+
+// faultDaemonProc is faultDaemon that also returns the daemon process.
+func faultDaemonProc(t *testing.T) (*stack.DBus, *faultmod.Control, *daemon) {
 	t.Helper()
 	path, err := faultmod.Path()
 	if err != nil {
@@ -22,13 +28,13 @@ func faultDaemon(t *testing.T) (*stack.DBus, *faultmod.Control) {
 	}
 	sock := filepath.Join(t.TempDir(), "faultmod.sock")
 	bus := stack.StartDBusForTest(t, "")
-	startDaemon(t, bus, []string{"FAULTMOD_CONTROL=" + sock}, "--module", path, "--no-pcsc")
+	d := startDaemon(t, bus, []string{"FAULTMOD_CONTROL=" + sock}, "--module", path, "--no-pcsc")
 	ctl, err := faultmod.DialTimeout(sock, 5*time.Second)
 	if err != nil {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { ctl.Close() })
-	return bus, ctl
+	return bus, ctl, d
 }
 
 // TestDBusAnswersWhileTheModuleIsSlowOrFailing (rules 5, 6 over the bus):

@@ -32,7 +32,7 @@ func stressCount(name string, short int) int {
 func TestStressReplugWithClients(t *testing.T) {
 	cycles := stressCount("SLOTWATCH_STRESS_CYCLES", 400)
 	const slots, clients = 4, 4
-	bus, ctl := faultDaemon(t)
+	bus, ctl, d := faultDaemonProc(t)
 	if err := ctl.ReuseHandles(true); err != nil {
 		t.Fatal(err)
 	}
@@ -140,7 +140,11 @@ func TestStressReplugWithClients(t *testing.T) {
 
 	start := time.Now()
 	present := make([]bool, slots)
+	var warmRSS, warmThreads int
 	for i := range cycles {
+		if i == cycles/10 {
+			warmRSS, warmThreads = procStatus(t, d.cmd.Process.Pid)
+		}
 		slot := uint(i % slots)
 		var err error
 		if present[slot] {
@@ -198,6 +202,17 @@ func TestStressReplugWithClients(t *testing.T) {
 			deadHandle++
 		}
 	}
+	endRSS, endThreads := procStatus(t, d.cmd.Process.Pid)
+	t.Logf("daemon after warm-up: %d kB RSS, %d threads; at the end: %d kB RSS, %d threads", warmRSS, warmThreads, endRSS, endThreads)
+	if endThreads > warmThreads+8 {
+		t.Errorf("daemon threads grew from %d to %d", warmThreads, endThreads)
+	}
+	// The fault module keeps its call record (a ring of 262,144 calls) in
+	// the daemon's memory; it is full after a few thousand cycles, so only
+	// a long run's RSS says anything about slotwatch's own.
+	if cycles >= 20000 && endRSS > warmRSS*5/4+8192 {
+		t.Errorf("daemon RSS grew from %d kB after warm-up to %d kB", warmRSS, endRSS)
+	}
 	t.Logf("%d token changes in %v (%d insertions, %d removals on the bus), %d sessions opened by %d clients, %d cross-token results, %d module calls with a handle of an already removed token (calls in flight when their token went)",
 		cycles, elapsed.Round(time.Millisecond), inserted.Load(), removed.Load(), sessionsOpened.Load(), clients, crossings.Load(), deadHandle)
 	if sessionsOpened.Load() == 0 {
@@ -213,4 +228,26 @@ func raceError(err error) bool {
 		return true
 	}
 	return false
+}
+
+// procStatus reads a process's resident memory (kB) and thread count.
+func procStatus(t *testing.T, pid int) (rssKB, threads int) {
+	t.Helper()
+	data, err := os.ReadFile(fmt.Sprintf("/proc/%d/status", pid))
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, line := range strings.Split(string(data), "\n") {
+		f := strings.Fields(line)
+		if len(f) < 2 {
+			continue
+		}
+		switch f[0] {
+		case "VmRSS:":
+			rssKB, _ = strconv.Atoi(f[1])
+		case "Threads:":
+			threads, _ = strconv.Atoi(f[1])
+		}
+	}
+	return rssKB, threads
 }

@@ -52,8 +52,15 @@ func buildBinary(t testing.TB, name string, race bool) string {
 	return b.path
 }
 
-// slotwatchBin is the binary the tests run: built with the race detector.
-func slotwatchBin(t testing.TB) string { return buildBinary(t, "slotwatch", true) }
+// slotwatchBin is the binary the tests run: built with the race detector,
+// unless SLOTWATCH_TEST_NORACE is set (make stress measures memory, which
+// the race detector's own bookkeeping would drown).
+func slotwatchBin(t testing.TB) string {
+	if os.Getenv("SLOTWATCH_TEST_NORACE") != "" {
+		return buildBinary(t, "slotwatch-norace", false)
+	}
+	return buildBinary(t, "slotwatch", true)
+}
 
 // watchLine is one line of `slotwatch watch --json`.
 type watchLine struct {
