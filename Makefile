@@ -8,7 +8,7 @@ BIN     := bin/slotwatch
 DEBS := pcscd libpcsclite-dev vsmartcard-vpcd vsmartcard-vpicc python3-virtualsmartcard \
         opensc-pkcs11 opensc softhsm2 p11-kit dbus gcc libc6-dev pkg-config
 
-.PHONY: all deps build test demo bench stress clean install
+.PHONY: all deps build test demo bench stress fuzz clean install
 
 all: build
 
@@ -30,6 +30,13 @@ build:
 test: deps faultmod
 	$(GO) vet ./...
 	$(GO) test -race -count=1 -timeout 20m ./...
+	$(MAKE) fuzz FUZZTIME=10s
+
+# Every fuzz target of client input, for a bounded time each.
+FUZZTIME ?= 60s
+fuzz:
+	$(GO) test -run '^$$' -fuzz '^FuzzDecodeTemplate$$' -fuzztime $(FUZZTIME) ./dbusapi
+	$(GO) test -run '^$$' -fuzz '^FuzzGenerationOf$$' -fuzztime $(FUZZTIME) ./dbusapi
 
 # A private pcscd, a virtual card inserted, removed and swapped, and
 # "slotwatch watch" printing each event with its generation.
