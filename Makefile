@@ -44,10 +44,12 @@ demo: deps build
 	$(GO) run ./tests/demo -slotwatch $(BIN)
 
 # The full stress figures (make test runs short forms of the same tests):
-# 100,000 token changes on the fault module with concurrent clients, the
-# daemon built without the race detector so that its memory can be judged.
+# 100,000 token changes on the fault module with concurrent clients (the
+# daemon built without the race detector so that its memory can be judged),
+# and 100 pcscd restarts with a card in the reader.
 stress: deps faultmod
 	SLOTWATCH_TEST_NORACE=1 SLOTWATCH_STRESS_CYCLES=100000 $(GO) test -count=1 -timeout 60m -run 'Stress' -v ./tests/
+	SLOTWATCH_STRESS_RESTARTS=100 $(GO) test -race -count=1 -timeout 30m -run 'RestartLoop' -v ./monitor/
 
 bench: deps faultmod
 	$(GO) test -run '^$$' -bench . -benchtime 20x -count 1 ./...

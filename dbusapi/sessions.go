@@ -251,7 +251,7 @@ func (t *tokenObject) openSession(owner string, readWrite bool) (godbus.ObjectPa
 	if err != nil {
 		return noObject, err
 	}
-	ms, err := mod.OpenSession(owner, t.tok.Slot.ID, t.tok.Generation, readWrite)
+	ms, err := t.openVerified(mod, owner, readWrite)
 	if err != nil {
 		return noObject, err
 	}
@@ -301,6 +301,33 @@ func (s *Service) nameHasOwner(name string) bool {
 		return true
 	}
 	return has
+}
+
+// openVerified opens a module session on this token's slot and checks that
+// the token in the slot is still this one. A card swapped before the
+// monitor noticed would otherwise give the caller a session on the new card
+// under the old generation: the module binds a session to whatever token is
+// in the slot when it is opened. If the identity differs, the session is
+// closed and the call fails with TokenRemoved; the monitor's own wake-up
+// brings the new generation.
+func (t *tokenObject) openVerified(mod *module.Module, owner string, readWrite bool) (*module.Session, error) {
+	ms, err := mod.OpenSession(owner, t.tok.Slot.ID, t.tok.Generation, readWrite)
+	if err != nil {
+		return nil, err
+	}
+	if t.stillInSlot(mod) {
+		return ms, nil
+	}
+	mod.CloseSession(ms.ID)
+	return nil, namedError(ErrTokenRemoved, "the token in slot %s is no longer generation %d", t.tok.Slot, t.tok.Generation)
+}
+
+// stillInSlot tells whether the module shows this generation's token (same
+// label, serial, manufacturer, model) in its slot now.
+func (t *tokenObject) stillInSlot(mod *module.Module) bool {
+	ti, err := mod.TokenInfo(t.tok.Slot.ID)
+	return err == nil && ti.Label == t.tok.Label && ti.Serial == t.tok.Serial &&
+		ti.Manufacturer == t.tok.Manufacturer && ti.Model == t.tok.Model
 }
 
 // CloseAllSessions closes the caller's own sessions on this token, and
@@ -366,6 +393,11 @@ func (t *tokenObject) initToken(soPIN []byte, label string, force bool) error {
 		}
 		return namedError(ErrSessionsExist, "%d session(s) open on this token, held by: %s", len(holders), strings.Join(names, "; "))
 	}
+	// Never initialize a card that was swapped in before the monitor
+	// noticed: that would wipe somebody else's token.
+	if !t.stillInSlot(mod) {
+		return namedError(ErrTokenRemoved, "the token in slot %s is no longer generation %d", t.tok.Slot, t.tok.Generation)
+	}
 	for _, b := range holders {
 		t.s.closeSession(b, "InitToken with force")
 	}
@@ -401,7 +433,7 @@ func (t *tokenObject) listCertificates(caller string) ([]certificate, error) {
 	if err != nil {
 		return nil, err
 	}
-	ms, err := mod.OpenSession(caller, t.tok.Slot.ID, t.tok.Generation, false)
+	ms, err := t.openVerified(mod, caller, false)
 	if err != nil {
 		return nil, err
 	}

@@ -51,7 +51,7 @@ type Config struct {
 	PollInterval time.Duration
 	// RetryMin is the first delay of every backoff (default 50 ms);
 	// RetryMax caps the backoff for reconnecting to pcscd and for a
-	// module's failing waits (default 800 ms).
+	// module's failing waits (default 400 ms).
 	RetryMin, RetryMax time.Duration
 	// ModuleRetryMax caps the backoff between re-initializations of a
 	// failing module. Default 30 s.
@@ -72,9 +72,10 @@ func (c Config) withDefaults() Config {
 		c.RetryMin = 50 * time.Millisecond
 	}
 	if c.RetryMax <= 0 {
-		// pcscd is back within a second of a restart; a user should not
-		// wait longer than that for slotwatch to notice.
-		c.RetryMax = 800 * time.Millisecond
+		// When pcscd is back, a card it reports should show within a
+		// second: this retry, plus pcscd's own detection (vpcd polls
+		// every 400 ms), plus reading the card.
+		c.RetryMax = 400 * time.Millisecond
 	}
 	if c.ModuleRetryMax <= 0 {
 		c.ModuleRetryMax = 30 * time.Second

@@ -626,3 +626,63 @@ func TestSetModules(t *testing.T) {
 		t.Fatalf("module removed: %v", ev)
 	}
 }
+
+// TestPCSCDRestartLoop: pcscd killed and started again, over and over,
+// with a card in the reader: each time the monitor goes degraded, comes
+// back, and shows the card again, within a second of pcscd accepting
+// connections (measured from Restart's return). make stress runs 100.
+func TestPCSCDRestartLoop(t *testing.T) {
+	restarts := 5
+	if n, err := strconv.Atoi(os.Getenv("SLOTWATCH_STRESS_RESTARTS")); err == nil && n > 0 {
+		restarts = n
+	}
+	w := newWorld(t)
+	card := w.cards[0]
+	if err := card.Insert(); err != nil {
+		t.Fatal(err)
+	}
+	baseline := runtime.NumGoroutine()
+	w.start(monitor.Config{})
+	last := w.expectTokenSoon().Generation
+	var worst time.Duration
+	for i := range restarts {
+		if err := w.pcscd.Kill(); err != nil {
+			t.Fatal(err)
+		}
+		if r := w.expectToken(monitor.TokenRemoved, eventTimeout); r.Generation != last {
+			t.Fatalf("restart %d: removed %d, want %d", i, r.Generation, last)
+		}
+		card.Remove() // its connection died with pcscd
+		if err := w.pcscd.Restart(); err != nil {
+			t.Fatal(err)
+		}
+		back := time.Now()
+		if err := card.Insert(); err != nil {
+			t.Fatal(err)
+		}
+		tok := w.expectToken(monitor.TokenInserted, eventTimeout)
+		took := time.Since(back)
+		worst = max(worst, took)
+		if tok.Generation <= last {
+			t.Fatalf("restart %d: generation %d after %d", i, tok.Generation, last)
+		}
+		if took > time.Second {
+			t.Errorf("restart %d: the card showed %v after pcscd was back, want < 1 s", i, took.Round(time.Millisecond))
+		}
+		last = tok.Generation
+	}
+	if s := w.mon.Snapshot(); s.State != monitor.StateRunning {
+		t.Fatalf("state %v after the restarts", s.State)
+	}
+	t.Logf("%d pcscd restarts: the card was back each time, at worst %v after pcscd", restarts, worst.Round(time.Millisecond))
+	w.sub.Close()
+	w.mon.Close()
+	card.Remove()
+	deadline := time.Now().Add(3 * time.Second)
+	for runtime.NumGoroutine() > baseline && time.Now().Before(deadline) {
+		time.Sleep(20 * time.Millisecond)
+	}
+	if n := runtime.NumGoroutine(); n > baseline {
+		t.Fatalf("goroutines: %d before the monitor, %d after Close", baseline, n)
+	}
+}
