@@ -57,9 +57,9 @@ func (s *Service) dead(msg godbus.Message, iface, method string) *godbus.Error {
 }
 
 // deadPath is TokenRemoved for a generation slotwatch handed out (a live
-// one has its object) and for a session whose token generation is dead;
-// UnknownObject otherwise (never issued, or a session closed normally while
-// its token is still there).
+// one has its object) and for a session whose token generation is dead (or
+// so old that it is forgotten); UnknownObject otherwise (never issued, or a
+// session closed normally while its token is still there).
 func (s *Service) deadPath(path godbus.ObjectPath) *godbus.Error {
 	n, ok := generationOf(path)
 	parent := path[:len(path)-len(lastElement(path))-1]
@@ -67,9 +67,12 @@ func (s *Service) deadPath(path godbus.ObjectPath) *godbus.Error {
 	switch {
 	case ok && parent == tokensPath && n > 0 && n <= snap.LastGeneration:
 	case ok && parent == sessionsPath:
-		gen, issued := s.sessions.generation(n)
-		if _, live := snap.Token(gen); !issued || live {
+		gen, issued, forgotten := s.sessions.generation(n)
+		if !issued {
 			return unknownObject(path)
+		}
+		if _, live := snap.Token(gen); live && !forgotten {
+			return unknownObject(path) // closed normally; its token is still there
 		}
 	default:
 		return unknownObject(path)

@@ -35,22 +35,30 @@ type sessionTable struct {
 	mu   sync.Mutex // guards all following fields
 	next uint64
 	byN  map[uint64]*brokered
-	// gens remembers the generation of every session ever opened, so that
-	// a closed session's path can tell "its token is gone" (TokenRemoved)
-	// from "it was closed" (UnknownObject).
-	gens map[uint64]uint64
+	// recent remembers the token generation of the last len(recent)
+	// sessions opened (a ring indexed by session number), so that a closed
+	// session's path can tell "its token is gone" (TokenRemoved) from "it
+	// was closed" (UnknownObject) in bounded memory.
+	recent [1 << 16]struct{ n, gen uint64 }
 }
 
-func newSessionTable() *sessionTable {
-	return &sessionTable{byN: map[uint64]*brokered{}, gens: map[uint64]uint64{}}
-}
+func newSessionTable() *sessionTable { return &sessionTable{byN: map[uint64]*brokered{}} }
 
-// generation returns the token generation session n was opened on.
-func (t *sessionTable) generation(n uint64) (uint64, bool) {
+// generation returns the token generation session n was opened on. known
+// is false for a number never issued; forgotten is true for one issued so
+// long ago that the ring no longer holds it (its token is then almost
+// surely gone, and callers treat it so).
+func (t *sessionTable) generation(n uint64) (gen uint64, known, forgotten bool) {
 	t.mu.Lock()
 	defer t.mu.Unlock()
-	g, ok := t.gens[n]
-	return g, ok
+	if n == 0 || n > t.next {
+		return 0, false, false
+	}
+	e := t.recent[n%uint64(len(t.recent))]
+	if e.n != n {
+		return 0, true, true
+	}
+	return e.gen, true, false
 }
 
 func (t *sessionTable) add(b *brokered) {
@@ -60,7 +68,7 @@ func (t *sessionTable) add(b *brokered) {
 	b.n = t.next
 	b.path = sessionPath(b.n)
 	t.byN[b.n] = b
-	t.gens[b.n] = b.tok.Generation
+	t.recent[b.n%uint64(len(t.recent))] = struct{ n, gen uint64 }{b.n, b.tok.Generation}
 }
 
 // take removes a session from the table; only the first caller gets it.
