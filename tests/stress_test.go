@@ -7,6 +7,7 @@ import (
 	"strings"
 	"sync"
 	"sync/atomic"
+	"syscall"
 	"testing"
 	"time"
 
@@ -250,4 +251,68 @@ func procStatus(t *testing.T, pid int) (rssKB, threads int) {
 		}
 	}
 	return rssKB, threads
+}
+
+// TestStressClientChurn: client processes open sessions and are killed
+// without closing them. Every session is closed in the module (its call
+// record), none is left on the bus, and a client that stays keeps its
+// session. make stress runs 1,000.
+func TestStressClientChurn(t *testing.T) {
+	clients := stressCount("SLOTWATCH_STRESS_CLIENTS", 30)
+	bus, ctl := faultDaemon(t)
+	if err := ctl.Insert(0, "Churn", "c0000001"); err != nil {
+		t.Fatal(err)
+	}
+	conn := dial(t, bus)
+	tok := findToken(t, conn, "Churn")
+	mine := openSession(t, conn, tok)
+	if err := ctl.ClearCalls(); err != nil {
+		t.Fatal(err)
+	}
+	for i := range clients {
+		client, _ := startClient(t, bus, tok)
+		if i%2 == 0 {
+			client.Process.Signal(syscall.SIGKILL)
+		} else {
+			client.Process.Signal(syscall.SIGTERM)
+		}
+		client.Wait()
+	}
+	deadline := time.Now().Add(5 * time.Second)
+	for {
+		left := 0
+		for p := range managedObjects(t, conn) {
+			if isUnder(p, "sessions") && p != mine {
+				left++
+			}
+		}
+		if left == 0 {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("%d sessions of dead clients still on the bus", left)
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+	calls, err := ctl.Calls()
+	if err != nil {
+		t.Fatal(err)
+	}
+	opened, closed := map[uint]bool{}, 0
+	for _, c := range calls {
+		switch {
+		case c.Func == "C_OpenSession" && c.RV == 0:
+			opened[c.Handle] = true
+		case c.Func == "C_CloseSession" && c.RV == 0 && opened[c.Handle]:
+			delete(opened, c.Handle)
+			closed++
+		}
+	}
+	if len(opened) != 0 || closed != clients {
+		t.Fatalf("module: %d sessions of dead clients closed, %d still open; want %d and 0", closed, len(opened), clients)
+	}
+	if err := conn.Object(busName, mine).Call(sesIface+".FindObjects", 0, map[string]godbus.Variant{}).Err; err != nil {
+		t.Fatalf("the staying client's session: %v", err)
+	}
+	t.Logf("%d clients opened a session and died (half SIGKILL, half SIGTERM): all %d sessions closed in the module, the staying client's session works", clients, closed)
 }
