@@ -12,6 +12,9 @@ import (
 	"time"
 
 	godbus "github.com/godbus/dbus/v5"
+
+	"github.com/slotwatch/slotwatch/tests/stack"
+	"github.com/slotwatch/slotwatch/tests/vcard"
 )
 
 // stressCount reads a stress size from the environment (make stress sets
@@ -315,4 +318,87 @@ func TestStressClientChurn(t *testing.T) {
 		t.Fatalf("the staying client's session: %v", err)
 	}
 	t.Logf("%d clients opened a session and died (half SIGKILL, half SIGTERM): all %d sessions closed in the module, the staying client's session works", clients, closed)
+}
+
+// TestStressRealStackReplug: a virtual card cycled through the real stack
+// (vpcd, pcscd, OpenSC) as fast as it allows, each insertion pulled once
+// OpenSC has read the card, with a D-Bus subscriber counting signals: every
+// insertion pcscd counted is exactly one TokenInserted with a new
+// generation, each followed by its TokenRemoved, and the final state is
+// right. make stress runs 1,000 cycles.
+func TestStressRealStackReplug(t *testing.T) {
+	cycles := stressCount("SLOTWATCH_STRESS_REAL_CYCLES", 20)
+	pcscd := stack.StartPCSCDForTest(t, stack.PCSCDConfig{Socket: pcscSocket, Dir: t.TempDir()})
+	bus := stack.StartDBusForTest(t, "")
+	d := startDaemon(t, bus, nil, "--module", stack.OpenSCModule, "--log-level", "info")
+	sub := subscribe(t, bus)
+	reader := pcscd.Readers()[0]
+	obs := stack.NewObserverForTest(t, pcscd)
+	card := vcard.New(pcscd.Addr(0), vcard.Profile{Label: "Replug", Serial: "4e000001"})
+	t.Cleanup(func() { card.Close() })
+
+	start := time.Now()
+	for i := range cycles {
+		if err := card.Insert(); err != nil {
+			t.Fatal(err)
+		}
+		if _, err := obs.WaitFor(reader, func(c stack.ObservedChange) bool { return c.Present }, 5*time.Second); err != nil {
+			t.Fatalf("cycle %d: %v", i, err)
+		}
+		if err := card.WaitRecognized(30*time.Millisecond, 5*time.Second); err != nil {
+			t.Fatalf("cycle %d: %v", i, err)
+		}
+		if err := card.Remove(); err != nil {
+			t.Fatal(err)
+		}
+		if _, err := obs.WaitFor(reader, func(c stack.ObservedChange) bool { return !c.Present }, 5*time.Second); err != nil {
+			t.Fatalf("cycle %d: %v", i, err)
+		}
+	}
+	elapsed := time.Since(start)
+
+	pcscdInsertions, present := 0, false
+	for _, c := range obs.Changes() {
+		if c.Reader == reader && c.Present != present {
+			present = c.Present
+			if present {
+				pcscdInsertions++
+			}
+		}
+	}
+	var inserted, removed int
+	var last, live uint64
+	for inserted < pcscdInsertions || live != 0 {
+		sig := sub.nextOf(5*time.Second, sigInserted, sigRemoved)
+		gen := sig.Body[2].(uint64)
+		switch sig.Name {
+		case sigInserted:
+			if live != 0 || gen <= last {
+				t.Fatalf("TokenInserted %d while %d live (last %d)", gen, live, last)
+			}
+			last, live = gen, gen
+			inserted++
+		case sigRemoved:
+			if gen != live {
+				t.Fatalf("TokenRemoved %d, live %d", gen, live)
+			}
+			live = 0
+			removed++
+		}
+	}
+	if inserted != pcscdInsertions || removed != inserted {
+		t.Fatalf("pcscd counted %d insertions; the bus showed %d insertions and %d removals", pcscdInsertions, inserted, removed)
+	}
+	for p := range managedObjects(t, dial(t, bus)) {
+		if isUnder(p, "tokens") {
+			t.Fatalf("token %s on the bus with the card out", p)
+		}
+	}
+	select {
+	case <-d.exited:
+		t.Fatal("the daemon exited")
+	default:
+	}
+	t.Logf("%d cycles in %v: pcscd counted %d insertions, the bus showed %d TokenInserted and %d TokenRemoved, generations strictly increasing",
+		cycles, elapsed.Round(time.Millisecond), pcscdInsertions, inserted, removed)
 }
