@@ -6,7 +6,8 @@ BIN     := bin/slotwatch
 
 # What the build and the real-stack tests need on Debian 12.
 DEBS := pcscd libpcsclite-dev vsmartcard-vpcd vsmartcard-vpicc python3-virtualsmartcard \
-        opensc-pkcs11 opensc softhsm2 p11-kit dbus gcc libc6-dev pkg-config
+        opensc-pkcs11 opensc softhsm2 p11-kit dbus gcc libc6-dev pkg-config \
+        systemd libxml2-utils
 
 .PHONY: all deps build test demo bench stress fuzz clean install
 
