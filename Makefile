@@ -30,8 +30,8 @@ build:
 # SoftHSM2 per test), with the race detector.
 test: deps faultmod
 	$(GO) vet ./...
-	$(GO) test -race -count=1 -timeout 20m ./...
 	$(MAKE) fuzz FUZZTIME=10s
+	$(GO) test -race -count=1 -timeout 20m ./...
 
 # Every fuzz target of client input, for a bounded time each.
 FUZZTIME ?= 60s
