@@ -177,3 +177,79 @@ func TestCloseWithAHungWait(t *testing.T) {
 	t.Logf("Close returned after %v with a wait that ignores C_Finalize", time.Since(start).Round(time.Millisecond))
 	ctl.SetWait(faultmod.WaitBlock, 0) // let the lost thread go
 }
+
+// countCalls counts the module's calls of one function in its record.
+func countCalls(t *testing.T, ctl *faultmod.Control, fn string) int {
+	t.Helper()
+	calls, err := ctl.Calls()
+	if err != nil {
+		t.Fatal(err)
+	}
+	n := 0
+	for _, c := range calls {
+		if c.Func == fn {
+			n++
+		}
+	}
+	return n
+}
+
+// TestSpinningWaitIsRateLimited: a module whose C_WaitForSlotEvent returns
+// at once, forever, makes the monitor re-read it at most once per
+// MinWakeGap instead of spinning; changes are still seen.
+func TestSpinningWaitIsRateLimited(t *testing.T) {
+	ctl, _, sub := faultWorld(t, monitor.Config{MinWakeGap: 20 * time.Millisecond})
+	if err := ctl.SetWait(faultmod.WaitReturn, 0); err != nil {
+		t.Fatal(err)
+	}
+	time.Sleep(200 * time.Millisecond)
+	ctl.ClearCalls()
+	time.Sleep(time.Second)
+	reads := countCalls(t, ctl, "C_GetSlotList")
+	// Each re-read calls C_GetSlotList twice (length, then list): at most
+	// 50 re-reads a second, with some slack for scheduling.
+	if reads > 2*60 {
+		t.Fatalf("%d C_GetSlotList calls in 1 s with a wait that returns at once, want at most ~100", reads)
+	}
+	if err := ctl.Insert(2, "Spin", "59150001"); err != nil {
+		t.Fatal(err)
+	}
+	if tok := nextEvent(t, sub, monitor.TokenInserted).Token; tok.Serial != "59150001" {
+		t.Fatalf("inserted %+v", tok)
+	}
+	t.Logf("%d C_GetSlotList calls in 1 s of a spinning wait", reads)
+	ctl.SetWait(faultmod.WaitBlock, 0)
+}
+
+// TestHungWaitIsCaughtBySafetyReads: with a wait that never returns, the
+// periodic re-read still shows changes, and after missed events the module
+// is initialized again (a fresh wait).
+func TestHungWaitIsCaughtBySafetyReads(t *testing.T) {
+	ctl, _, sub := faultWorld(t, monitor.Config{SafetyInterval: 300 * time.Millisecond})
+	time.Sleep(100 * time.Millisecond) // the waiter is blocked in its wait
+	if err := ctl.SetWait(faultmod.WaitHang, 0); err != nil {
+		t.Fatal(err)
+	}
+	initsBefore := countCalls(t, ctl, "C_Initialize")
+	if err := ctl.Insert(0, "Unannounced", "4a4a0001"); err != nil {
+		t.Fatal(err)
+	}
+	start := time.Now()
+	tok := nextEvent(t, sub, monitor.TokenInserted).Token
+	t.Logf("a change the hung wait did not announce showed after %v", time.Since(start).Round(time.Millisecond))
+	if err := ctl.Remove(0); err != nil {
+		t.Fatal(err)
+	}
+	if r := nextEvent(t, sub, monitor.TokenRemoved).Token; r.Generation != tok.Generation {
+		t.Fatalf("removed %+v", r)
+	}
+	// Two missed events: the module is initialized again.
+	deadline := time.Now().Add(5 * time.Second)
+	for countCalls(t, ctl, "C_Initialize") <= initsBefore {
+		if time.Now().After(deadline) {
+			t.Fatal("the module was not initialized again after missed events")
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+	ctl.SetWait(faultmod.WaitBlock, 0)
+}

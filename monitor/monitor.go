@@ -59,6 +59,17 @@ type Config struct {
 	// FailuresBeforeReinit is how many failed reads in a row make a module
 	// "failing" (rule 6). Default 3.
 	FailuresBeforeReinit int
+	// SafetyInterval is how often a module with a blocking waiter is
+	// re-read although no event came: a safety net for waits that miss
+	// events or hang. A re-read that finds a change no event announced is
+	// a missed event; MissedEventsBeforeReinit of them make the module
+	// failing, so it is initialized again. Default 30 s, 2.
+	SafetyInterval           time.Duration
+	MissedEventsBeforeReinit int
+	// MinWakeGap is the shortest time between two wake-ups from one
+	// module's waiter (default 20 ms): a module whose wait returns at once
+	// forever cannot spin the daemon, and events are wake-ups anyway.
+	MinWakeGap time.Duration
 	// Logger gets the monitor's decisions (Debug: every event). Default:
 	// discard.
 	Logger *slog.Logger
@@ -82,6 +93,15 @@ func (c Config) withDefaults() Config {
 	}
 	if c.FailuresBeforeReinit <= 0 {
 		c.FailuresBeforeReinit = 3
+	}
+	if c.SafetyInterval <= 0 {
+		c.SafetyInterval = 30 * time.Second
+	}
+	if c.MissedEventsBeforeReinit <= 0 {
+		c.MissedEventsBeforeReinit = 2
+	}
+	if c.MinWakeGap <= 0 {
+		c.MinWakeGap = 20 * time.Millisecond
 	}
 	if c.Logger == nil {
 		c.Logger = slog.New(slog.DiscardHandler)
@@ -326,6 +346,8 @@ type moduleTrack struct {
 	failures    int       // failed reads in a row
 	rereadAt    time.Time // after a transient read error, or while a card settles: read again then
 	settleReads int       // re-reads so far while PC/SC shows a card the module does not
+	nextSafety  time.Time // blocking mode: re-read then even without an event
+	missed      int       // safety re-reads that found a change no event announced
 	retry       backoff
 	retryAt     time.Time // when not initialized: next Initialize attempt
 	nextPoll    time.Time // polling mode: next re-read
@@ -414,6 +436,8 @@ func (l *loop) armTimer(t *time.Timer) {
 			consider(mt.retryAt)
 		case mt.waitMode == WaitPolling:
 			consider(mt.nextPoll)
+		case mt.waitMode == WaitBlocking:
+			consider(mt.nextSafety)
 		}
 		if mt.initialized {
 			consider(mt.rereadAt)
@@ -484,7 +508,8 @@ func (l *loop) initModule(mt *moduleTrack) {
 		return
 	}
 	mt.initialized = true
-	mt.failures = 0
+	mt.failures, mt.missed = 0, 0
+	mt.nextSafety = time.Time{}
 	mt.lastErr = nil
 	mt.retryAt = time.Time{}
 	mt.view = ModuleView{}
@@ -530,10 +555,12 @@ func (l *loop) startWaiter(mt *moduleTrack) {
 	m := l.m
 	mod, name := mt.mod, mt.name
 	b := backoff{Min: l.cfg.RetryMin, Max: l.cfg.RetryMax}
+	minGap := l.cfg.MinWakeGap
 	go func() {
 		runtime.LockOSThread()
 		defer runtime.UnlockOSThread()
 		defer close(done)
+		var lastWake time.Time
 		for {
 			_, err := mod.WaitForSlotEvent(false)
 			select {
@@ -544,6 +571,10 @@ func (l *loop) startWaiter(mt *moduleTrack) {
 			switch {
 			case err == nil:
 				b.Reset()
+				if gap := time.Since(lastWake); gap < minGap && !sleep(minGap-gap, stop) {
+					return
+				}
+				lastWake = time.Now()
 				m.markModuleDirty(name)
 				continue
 			case errors.Is(err, module.ErrFunctionNotSupported):

@@ -36,6 +36,7 @@ func (l *loop) refresh(all bool) {
 	}
 
 	readModule := map[*moduleTrack]bool{}
+	safetyRead := map[*moduleTrack]bool{} // read only because no event came for long
 	for _, mt := range l.modules {
 		if in.waitUnsupported[mt.name] && mt.waitMode != WaitPolling {
 			l.log.Info("module cannot wait for slot events; polling it", "module", mt.name, "interval", l.cfg.PollInterval)
@@ -56,6 +57,18 @@ func (l *loop) refresh(all bool) {
 		if mt.initialized && mt.waitMode == WaitPolling && !now.Before(mt.nextPoll) {
 			readModule[mt] = true
 			mt.nextPoll = now.Add(l.cfg.PollInterval)
+		}
+		if mt.initialized && mt.waitMode == WaitBlocking {
+			switch {
+			case in.modulesDirty[mt.name]:
+				mt.nextSafety = now.Add(l.cfg.SafetyInterval) // the wait works
+			case mt.nextSafety.IsZero():
+				mt.nextSafety = now.Add(l.cfg.SafetyInterval)
+			case !now.Before(mt.nextSafety):
+				readModule[mt] = true
+				safetyRead[mt] = true
+				mt.nextSafety = now.Add(l.cfg.SafetyInterval)
+			}
 		}
 		if mt.initialized && !mt.rereadAt.IsZero() && !now.Before(mt.rereadAt) {
 			readModule[mt] = true
@@ -117,6 +130,9 @@ func (l *loop) refresh(all bool) {
 			}
 		}
 		l.settle(mt, unsettled, now)
+		if safetyRead[mt] && !all && !in.pcscDirty && !readersChanged && !in.modulesDirty[mt.name] {
+			l.checkMissedEvents(mt, newSlots)
+		}
 	}
 
 	l.commit(newSlots, now)
@@ -241,6 +257,42 @@ func (l *loop) settle(mt *moduleTrack, unsettled bool, now time.Time) {
 	delay := l.cfg.RetryMin << (mt.settleReads - 1)
 	if at := now.Add(delay); mt.rereadAt.IsZero() || at.Before(mt.rereadAt) {
 		mt.rereadAt = at
+	}
+}
+
+// checkMissedEvents compares what a safety re-read found with the current
+// view: a change no event announced means the module's wait missed it (or
+// hangs). Too many of those make the module failing: initializing it
+// again starts a fresh wait.
+func (l *loop) checkMissedEvents(mt *moduleTrack, newSlots map[SlotKey]*Slot) {
+	changed := false
+	for k, s := range newSlots {
+		if k.Module != mt.name {
+			continue
+		}
+		old := l.slots[k]
+		switch {
+		case old == nil:
+			changed = true
+		case (old.Token == nil) != (s.Token == nil):
+			changed = true
+		case old.Token != nil && old.Token.Generation != s.Token.Generation:
+			changed = true
+		}
+	}
+	for k := range l.slots {
+		if _, ok := newSlots[k]; !ok && k.Module == mt.name {
+			changed = true
+		}
+	}
+	if !changed {
+		return
+	}
+	mt.missed++
+	l.log.Warn("a re-read found a change the module's C_WaitForSlotEvent did not announce", "module", mt.name, "missed", mt.missed)
+	if mt.missed >= l.cfg.MissedEventsBeforeReinit {
+		mt.missed = 0
+		l.failModule(mt, errors.New("C_WaitForSlotEvent misses events"))
 	}
 }
 
