@@ -77,6 +77,10 @@ static void *sw_ref(const char *path, sw_funcs **list) {
 
 static void sw_unref(void *h) { dlclose(h); }
 
+// sw_pin takes a reference to an already loaded library without asking it
+// for a function list (p11-kit-client.so would make a new instance).
+static void *sw_pin(const char *path) { return dlopen(path, RTLD_NOW | RTLD_NOLOAD); }
+
 // sw_load_error says why dlopen fails for path (miekg only says "nil").
 static char *sw_load_error(const char *path) {
 	void *h = dlopen(path, RTLD_LAZY);
@@ -139,6 +143,21 @@ func refLoaded(path string) (libRef, bool) {
 		return libRef{}, false
 	}
 	return libRef{h: h, fl: fl}, true
+}
+
+// pinWithList returns a reference to the loaded library at path that uses
+// the function list fl (an instance already made), for isolated modules.
+func pinWithList(path string, fl unsafe.Pointer) (libRef, bool) {
+	cpath := C.CString(path)
+	defer C.free(unsafe.Pointer(cpath))
+	h := C.sw_pin(cpath)
+	if h == nil || fl == nil {
+		if h != nil {
+			C.sw_unref(h)
+		}
+		return libRef{}, false
+	}
+	return libRef{h: h, fl: (*C.sw_funcs)(fl)}, true
 }
 
 func (r libRef) release() {

@@ -70,12 +70,17 @@ type Options struct {
 	// arguments, result (CKR name) and duration. PINs and secret attribute
 	// values never appear; they are logged as "<redacted N bytes>".
 	CallLog *slog.Logger
+	// Isolate runs the module in a helper process through p11-kit's
+	// remoting (isolate.go): a crash in the module takes down only the
+	// helper. An isolated module is polled, not waited on.
+	Isolate bool
 }
 
 // Module is one PKCS#11 library. Its zero value is not usable; call Open.
 type Module struct {
 	name, path string
 	log        *slog.Logger
+	isolate    bool // Options.Isolate
 
 	refMu sync.Mutex // order 1
 	refs  int        // Initialize calls without their Finalize
@@ -106,6 +111,7 @@ func Open(path string, opts Options) *Module {
 	}
 	return &Module{
 		name:      name,
+		isolate:   opts.Isolate,
 		path:      path,
 		log:       opts.CallLog,
 		sessions:  make(map[uint64]*session),
@@ -142,14 +148,23 @@ func (m *Module) Initialize() error {
 
 // load runs with refMu and life held for writing.
 func (m *Module) load() error {
-	ctx := pkcs11.New(m.path)
-	if ctx == nil {
-		return fmt.Errorf("module %s: %w", m.name, loadError(m.path))
-	}
-	lib, ok := refLoaded(m.path)
-	if !ok {
-		ctx.Destroy()
-		return fmt.Errorf("module %s: %w %s: no function list", m.name, ErrLoad, m.path)
+	var ctx *pkcs11.Ctx
+	var lib libRef
+	if m.isolate {
+		var err error
+		if ctx, lib, err = newIsolatedCtx(m.path); err != nil {
+			return fmt.Errorf("module %s: %w", m.name, err)
+		}
+	} else {
+		ctx = pkcs11.New(m.path)
+		if ctx == nil {
+			return fmt.Errorf("module %s: %w", m.name, loadError(m.path))
+		}
+		var ok bool
+		if lib, ok = refLoaded(m.path); !ok {
+			ctx.Destroy()
+			return fmt.Errorf("module %s: %w %s: no function list", m.name, ErrLoad, m.path)
+		}
 	}
 	start := time.Now()
 	err := m.result("C_Initialize", start, ctx.Initialize(), slog.String("flags", "CKF_OS_LOCKING_OK"))

@@ -25,6 +25,11 @@ import (
 // after the last Finalize unloaded the module for everyone else.
 func (m *Module) WaitForSlotEvent(dontBlock bool) (uint, error) {
 	const fn = "C_WaitForSlotEvent"
+	if m.isolate {
+		// One RPC pipe per instance: a blocked wait would hold up every
+		// other call (isolate.go). The monitor polls isolated modules.
+		return 0, &Error{Func: fn, Code: pkcs11.CKR_FUNCTION_NOT_SUPPORTED}
+	}
 	m.life.RLock()
 	if m.ctx == nil {
 		m.life.RUnlock()

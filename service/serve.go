@@ -36,6 +36,7 @@ func runServe(args []string) error {
 	logCalls := fs.Bool("log-calls", false, "log every PKCS#11 call (PINs and secrets redacted)")
 	logLevel := fs.String("log-level", "info", "debug, info, warn or error")
 	noPCSC := fs.Bool("no-pcsc", false, "do not watch PC/SC readers")
+	isolateFlag := fs.Bool("isolate", false, "run the --module modules in helper processes (p11-kit remote), as isolate = true does in the config")
 	if err := fs.Parse(args); err != nil {
 		return err
 	}
@@ -64,16 +65,14 @@ func runServe(args []string) error {
 		for _, mc := range mods {
 			m, ok := loaded[mc.Path]
 			if !ok || m.Name() != mc.Name {
-				opts := module.Options{Name: mc.Name}
+				isolate := mc.Isolate || (*isolateFlag && mc.From == ModuleFromFlag)
+				opts := module.Options{Name: mc.Name, Isolate: isolate}
 				if *logCalls {
 					opts.CallLog = logger.With("module", mc.Name)
 				}
-				if mc.Isolate {
-					logger.Warn("isolate = true is not available yet; loading the module in-process", "module", mc.Name)
-				}
 				m = module.Open(mc.Path, opts)
 				loaded[mc.Path] = m
-				logger.Info("watching module", "module", mc.Name, "path", mc.Path, "from", mc.From)
+				logger.Info("watching module", "module", mc.Name, "path", mc.Path, "from", mc.From, "isolated", isolate)
 			}
 			byName[mc.Name] = m
 			watched = append(watched, m)
