@@ -23,7 +23,6 @@ func (l *loop) refresh(all bool) {
 	}
 
 	if in.pcscRecovered {
-		l.publishState(StateRecovering, "pcscd is back; re-reading readers")
 		// A module that failed while pcscd was gone (OpenSC answers
 		// CKR_GENERAL_ERROR then) gets its next try now, not at the end
 		// of a backoff that grew during the outage.
@@ -167,6 +166,10 @@ func (l *loop) readPCSC(now time.Time) bool {
 	}
 	if !l.pcscUp {
 		l.log.Info("PC/SC available", "readers", len(states))
+		if l.pcscErr != nil {
+			// Back after an outage: say so before the re-read's results.
+			l.publishState(StateRecovering, "pcscd is back; re-reading readers")
+		}
 	}
 	l.pcscUp, l.pcscErr = true, nil
 	l.pcscRetry.Reset()

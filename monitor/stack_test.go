@@ -642,6 +642,7 @@ func TestPCSCDRestartLoop(t *testing.T) {
 		t.Fatal(err)
 	}
 	baseline := runtime.NumGoroutine()
+	fds := openFDs(t)
 	w.start(monitor.Config{})
 	last := w.expectTokenSoon().Generation
 	var worst time.Duration
@@ -649,8 +650,19 @@ func TestPCSCDRestartLoop(t *testing.T) {
 		if err := w.pcscd.Kill(); err != nil {
 			t.Fatal(err)
 		}
-		if r := w.expectToken(monitor.TokenRemoved, eventTimeout); r.Generation != last {
-			t.Fatalf("restart %d: removed %d, want %d", i, r.Generation, last)
+		// The monitor goes degraded and the token goes (in either order:
+		// OpenSC may drop the token a moment before PC/SC fails).
+		degraded, removed := false, false
+		for !degraded || !removed {
+			ev := w.next(eventTimeout, monitor.StateChanged, monitor.TokenRemoved, monitor.TokenInserted)
+			switch {
+			case ev.Kind == monitor.StateChanged:
+				degraded = degraded || ev.Snapshot.State == monitor.StateDegraded
+			case ev.Kind == monitor.TokenRemoved && ev.Token.Generation == last:
+				removed = true
+			default:
+				t.Fatalf("restart %d: %v while pcscd is down", i, ev)
+			}
 		}
 		card.Remove() // its connection died with pcscd
 		if err := w.pcscd.Restart(); err != nil {
@@ -660,9 +672,24 @@ func TestPCSCDRestartLoop(t *testing.T) {
 		if err := card.Insert(); err != nil {
 			t.Fatal(err)
 		}
-		tok := w.expectToken(monitor.TokenInserted, eventTimeout)
+		// Recovering, then running, then the card.
+		var states []monitor.State
+		var tok *monitor.Token
+		for tok == nil {
+			ev := w.next(eventTimeout, monitor.StateChanged, monitor.TokenInserted)
+			if ev.Kind == monitor.StateChanged {
+				states = append(states, ev.Snapshot.State)
+			} else {
+				tok = ev.Token
+			}
+		}
 		took := time.Since(back)
 		worst = max(worst, took)
+		// (A degraded state may still be reported with a new reason while
+		// pcscd starts.)
+		if n := len(states); n < 2 || states[n-1] != monitor.StateRunning || states[n-2] != monitor.StateRecovering {
+			t.Fatalf("restart %d: states %v before the card came back, want … recovering, running", i, states)
+		}
 		if tok.Generation <= last {
 			t.Fatalf("restart %d: generation %d after %d", i, tok.Generation, last)
 		}
@@ -685,4 +712,61 @@ func TestPCSCDRestartLoop(t *testing.T) {
 	if n := runtime.NumGoroutine(); n > baseline {
 		t.Fatalf("goroutines: %d before the monitor, %d after Close", baseline, n)
 	}
+	// OpenSC, loaded in this process, keeps about one PC/SC socket per
+	// pcscd restart (its own recovery re-establishes a context without
+	// releasing the old one; C_Finalize does not free it). Reported here;
+	// TestPCSCDRestartNoFDLeak checks slotwatch's own PC/SC code.
+	t.Logf("file descriptors: %d before, %d after %d restarts and Close (OpenSC's)", fds, openFDs(t), restarts)
+}
+
+// TestPCSCDRestartNoFDLeak: slotwatch's own PC/SC watcher and reader keep
+// no file descriptor across pcscd restarts.
+func TestPCSCDRestartNoFDLeak(t *testing.T) {
+	p := stack.StartPCSCDForTest(t, stack.PCSCDConfig{Socket: pcscSocket, Dir: t.TempDir()})
+	fds := openFDs(t)
+	mon, err := monitor.New(monitor.Config{PCSC: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	_, sub := mon.Subscribe()
+	for range 5 {
+		if err := p.Kill(); err != nil {
+			t.Fatal(err)
+		}
+		waitState(t, sub, monitor.StateDegraded)
+		if err := p.Restart(); err != nil {
+			t.Fatal(err)
+		}
+		waitState(t, sub, monitor.StateRunning)
+	}
+	sub.Close()
+	mon.Close()
+	if n := openFDs(t); n != fds {
+		t.Fatalf("file descriptors: %d before the monitor, %d after 5 pcscd restarts and Close", fds, n)
+	}
+}
+
+func waitState(t *testing.T, sub *monitor.Subscription, want monitor.State) {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), eventTimeout)
+	defer cancel()
+	for {
+		ev, err := sub.Next(ctx)
+		if err != nil {
+			t.Fatalf("waiting for state %v: %v", want, err)
+		}
+		if ev.Kind == monitor.StateChanged && ev.Snapshot.State == want {
+			return
+		}
+	}
+}
+
+// openFDs counts this process's open file descriptors.
+func openFDs(t *testing.T) int {
+	t.Helper()
+	entries, err := os.ReadDir("/proc/self/fd")
+	if err != nil {
+		t.Fatal(err)
+	}
+	return len(entries)
 }
