@@ -253,3 +253,48 @@ func TestHungWaitIsCaughtBySafetyReads(t *testing.T) {
 	}
 	ctl.SetWait(faultmod.WaitBlock, 0)
 }
+
+// TestModuleErrorsOnCue (rule 6): each failure code the issue names, on
+// cue from the module's reads, ends in a re-initialization and the token
+// back with a new generation. CKR_CRYPTOKI_NOT_INITIALIZED (the module lost
+// its state) needs one occurrence; the others three in a row.
+func TestModuleErrorsOnCue(t *testing.T) {
+	for _, tc := range []struct {
+		name  string
+		rv    uint
+		count int
+	}{
+		{"CKR_GENERAL_ERROR", pkcs11.CKR_GENERAL_ERROR, 3},
+		{"CKR_DEVICE_ERROR", pkcs11.CKR_DEVICE_ERROR, 3},
+		{"CKR_DEVICE_REMOVED", pkcs11.CKR_DEVICE_REMOVED, 3},
+		{"CKR_CRYPTOKI_NOT_INITIALIZED", pkcs11.CKR_CRYPTOKI_NOT_INITIALIZED, 1},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			ctl, _, sub := faultWorld(t, monitor.Config{})
+			if err := ctl.Insert(0, "Cue", "c0e00001"); err != nil {
+				t.Fatal(err)
+			}
+			first := nextEvent(t, sub, monitor.TokenInserted).Token
+			inits := countCalls(t, ctl, "C_Initialize")
+			if err := ctl.Fail("GetSlotList", tc.rv, 1, tc.count); err != nil {
+				t.Fatal(err)
+			}
+			if err := ctl.Insert(1, "Wake", "c0e00002"); err != nil {
+				t.Fatal(err)
+			}
+			var back *monitor.Token
+			for back == nil {
+				ev := nextEvent(t, sub, monitor.TokenInserted, monitor.TokenRemoved)
+				if ev.Kind == monitor.TokenInserted && ev.Token.Serial == "c0e00001" {
+					back = ev.Token
+				}
+			}
+			if back.Generation <= first.Generation {
+				t.Fatalf("token back as generation %d, was %d", back.Generation, first.Generation)
+			}
+			if countCalls(t, ctl, "C_Initialize") <= inits {
+				t.Fatal("the module was not initialized again")
+			}
+		})
+	}
+}
