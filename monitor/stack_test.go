@@ -356,14 +356,7 @@ func TestPCSCDRestart(t *testing.T) {
 	if err := w.pcscd.Kill(); err != nil {
 		t.Fatal(err)
 	}
-	ev := w.next(eventTimeout, monitor.StateChanged)
-	if ev.Snapshot.State != monitor.StateDegraded {
-		t.Fatalf("after pcscd died: state %v (%q), want degraded", ev.Snapshot.State, ev.Snapshot.StateReason)
-	}
-	t.Logf("degraded: %s", ev.Snapshot.StateReason)
-	if r := w.expectToken(monitor.TokenRemoved, eventTimeout); r.Generation != first.Generation {
-		t.Fatalf("removed %d, want %d", r.Generation, first.Generation)
-	}
+	t.Logf("degraded: %s", w.expectOutage(first.Generation))
 	card.Remove() // its connection died with pcscd
 
 	if err := w.pcscd.Restart(); err != nil {
@@ -382,6 +375,29 @@ func TestPCSCDRestart(t *testing.T) {
 	if again.Generation <= first.Generation {
 		t.Fatalf("generation after restart %d, want > %d", again.Generation, first.Generation)
 	}
+}
+
+// expectOutage waits, after pcscd died, until the monitor is degraded and
+// the token of generation gen is removed — in either order: OpenSC may
+// drop the token a moment before PC/SC reports the failure. It returns the
+// degraded state's reason.
+func (w *world) expectOutage(gen uint64) string {
+	w.t.Helper()
+	reason, removed := "", false
+	for reason == "" || !removed {
+		ev := w.next(eventTimeout, monitor.StateChanged, monitor.TokenRemoved, monitor.TokenInserted)
+		switch {
+		case ev.Kind == monitor.StateChanged:
+			if ev.Snapshot.State == monitor.StateDegraded {
+				reason = ev.Snapshot.StateReason
+			}
+		case ev.Kind == monitor.TokenRemoved && ev.Token.Generation == gen:
+			removed = true
+		default:
+			w.t.Fatalf("%v while pcscd is down", ev)
+		}
+	}
+	return reason
 }
 
 // expectTokenSoon returns the token already in the first snapshot, or waits
@@ -650,20 +666,7 @@ func TestPCSCDRestartLoop(t *testing.T) {
 		if err := w.pcscd.Kill(); err != nil {
 			t.Fatal(err)
 		}
-		// The monitor goes degraded and the token goes (in either order:
-		// OpenSC may drop the token a moment before PC/SC fails).
-		degraded, removed := false, false
-		for !degraded || !removed {
-			ev := w.next(eventTimeout, monitor.StateChanged, monitor.TokenRemoved, monitor.TokenInserted)
-			switch {
-			case ev.Kind == monitor.StateChanged:
-				degraded = degraded || ev.Snapshot.State == monitor.StateDegraded
-			case ev.Kind == monitor.TokenRemoved && ev.Token.Generation == last:
-				removed = true
-			default:
-				t.Fatalf("restart %d: %v while pcscd is down", i, ev)
-			}
-		}
+		w.expectOutage(last)
 		card.Remove() // its connection died with pcscd
 		if err := w.pcscd.Restart(); err != nil {
 			t.Fatal(err)
