@@ -191,62 +191,39 @@ func attrValue(a *pkcs11.Attribute) string {
 	return fmt.Sprintf("<redacted %d bytes>", len(v))
 }
 
-func className(c uint) string {
-	switch c {
-	case pkcs11.CKO_DATA:
-		return "CKO_DATA"
-	case pkcs11.CKO_CERTIFICATE:
-		return "CKO_CERTIFICATE"
-	case pkcs11.CKO_PUBLIC_KEY:
-		return "CKO_PUBLIC_KEY"
-	case pkcs11.CKO_PRIVATE_KEY:
-		return "CKO_PRIVATE_KEY"
-	case pkcs11.CKO_SECRET_KEY:
-		return "CKO_SECRET_KEY"
+// Names of the constants the call log and errors show; a value not listed
+// prints as PREFIX_0x….
+var (
+	classNames = map[uint]string{
+		pkcs11.CKO_DATA: "CKO_DATA", pkcs11.CKO_CERTIFICATE: "CKO_CERTIFICATE",
+		pkcs11.CKO_PUBLIC_KEY: "CKO_PUBLIC_KEY", pkcs11.CKO_PRIVATE_KEY: "CKO_PRIVATE_KEY",
+		pkcs11.CKO_SECRET_KEY: "CKO_SECRET_KEY",
 	}
-	return fmt.Sprintf("CKO_%#x", c)
+	keyTypeNames  = map[uint]string{pkcs11.CKK_RSA: "CKK_RSA", pkcs11.CKK_EC: "CKK_EC", pkcs11.CKK_AES: "CKK_AES"}
+	userTypeNames = map[uint]string{
+		pkcs11.CKU_SO: "CKU_SO", pkcs11.CKU_USER: "CKU_USER", pkcs11.CKU_CONTEXT_SPECIFIC: "CKU_CONTEXT_SPECIFIC",
+	}
+	stateNames = map[uint]string{
+		pkcs11.CKS_RO_PUBLIC_SESSION: "CKS_RO_PUBLIC_SESSION", pkcs11.CKS_RO_USER_FUNCTIONS: "CKS_RO_USER_FUNCTIONS",
+		pkcs11.CKS_RW_PUBLIC_SESSION: "CKS_RW_PUBLIC_SESSION", pkcs11.CKS_RW_USER_FUNCTIONS: "CKS_RW_USER_FUNCTIONS",
+		pkcs11.CKS_RW_SO_FUNCTIONS: "CKS_RW_SO_FUNCTIONS",
+	}
+)
+
+// constName looks v up in names, or prints it as prefix_0x….
+func constName(names map[uint]string, prefix string, v uint) string {
+	if n, ok := names[v]; ok {
+		return n
+	}
+	return fmt.Sprintf("%s_%#x", prefix, v)
 }
 
-func keyTypeName(k uint) string {
-	switch k {
-	case pkcs11.CKK_RSA:
-		return "CKK_RSA"
-	case pkcs11.CKK_EC:
-		return "CKK_EC"
-	case pkcs11.CKK_AES:
-		return "CKK_AES"
-	}
-	return fmt.Sprintf("CKK_%#x", k)
-}
-
-func userTypeName(u uint) string {
-	switch u {
-	case pkcs11.CKU_SO:
-		return "CKU_SO"
-	case pkcs11.CKU_USER:
-		return "CKU_USER"
-	case pkcs11.CKU_CONTEXT_SPECIFIC:
-		return "CKU_CONTEXT_SPECIFIC"
-	}
-	return fmt.Sprintf("CKU_%#x", u)
-}
+func className(c uint) string    { return constName(classNames, "CKO", c) }
+func keyTypeName(k uint) string  { return constName(keyTypeNames, "CKK", k) }
+func userTypeName(u uint) string { return constName(userTypeNames, "CKU", u) }
 
 // StateName is the CKS_* name of a session state.
-func StateName(s uint) string {
-	switch s {
-	case pkcs11.CKS_RO_PUBLIC_SESSION:
-		return "CKS_RO_PUBLIC_SESSION"
-	case pkcs11.CKS_RO_USER_FUNCTIONS:
-		return "CKS_RO_USER_FUNCTIONS"
-	case pkcs11.CKS_RW_PUBLIC_SESSION:
-		return "CKS_RW_PUBLIC_SESSION"
-	case pkcs11.CKS_RW_USER_FUNCTIONS:
-		return "CKS_RW_USER_FUNCTIONS"
-	case pkcs11.CKS_RW_SO_FUNCTIONS:
-		return "CKS_RW_SO_FUNCTIONS"
-	}
-	return fmt.Sprintf("CKS_%#x", s)
-}
+func StateName(s uint) string { return constName(stateNames, "CKS", s) }
 
 var mechNames = map[uint]string{
 	pkcs11.CKM_RSA_PKCS:            "CKM_RSA_PKCS",
