@@ -47,10 +47,7 @@ type object struct {
 type iface struct {
 	name    string
 	methods any            // the interface's method handler (nil: properties only)
-	props   map[string]any // name → value
-	// constant lists properties that never change for this object
-	// (documented in xml/; here only for readers of the code).
-	constant []string
+	props   map[string]any // name → value (which never change is documented in xml/)
 }
 
 func newObjects(conn *godbus.Conn) *objects {

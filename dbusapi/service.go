@@ -211,7 +211,7 @@ func (s *Service) apply(ev monitor.Event) {
 func (s *Service) exportRoot(snap *monitor.Snapshot) error {
 	return s.objs.add(RootPath,
 		iface{name: objectManagerInterface, methods: objectManager{s.objs}},
-		iface{name: ManagerInterface, methods: &manager{s}, props: s.managerProps(snap), constant: []string{"Version", "InstanceId"}},
+		iface{name: ManagerInterface, methods: &manager{s}, props: s.managerProps(snap)},
 	)
 }
 
@@ -249,7 +249,7 @@ func moduleProps(m *monitor.ModuleView) map[string]any {
 
 func (s *Service) addModule(m *monitor.ModuleView) {
 	s.logAdd(modulePath(m.Name), s.objs.add(modulePath(m.Name),
-		iface{name: ModuleInterface, props: moduleProps(m), constant: []string{"Library"}}))
+		iface{name: ModuleInterface, props: moduleProps(m)}))
 }
 
 func readerProps(r *monitor.Reader) map[string]any {
@@ -267,7 +267,7 @@ func readerProps(r *monitor.Reader) map[string]any {
 
 func (s *Service) addReader(r *monitor.Reader) {
 	s.logAdd(readerPath(r.Name), s.objs.add(readerPath(r.Name),
-		iface{name: ReaderInterface, props: readerProps(r), constant: []string{"Name"}}))
+		iface{name: ReaderInterface, props: readerProps(r)}))
 }
 
 func (s *Service) addSlot(sl *monitor.Slot) {
@@ -285,7 +285,6 @@ func (s *Service) addSlot(sl *monitor.Slot) {
 			"Removable":   sl.Removable,
 			"Token":       tok,
 		},
-		constant: []string{"Module", "SlotId"},
 	}))
 }
 
@@ -307,7 +306,6 @@ func (s *Service) addToken(t *monitor.Token) {
 			"Flags":        uint32(t.Flags),
 			"UsedForLogin": s.usedForLogin(t),
 		},
-		constant: []string{"Slot", "Generation", "Label", "Manufacturer", "Model", "Serial", "UsedForLogin"},
 	})
 	if s.logAdd(p, err) {
 		return

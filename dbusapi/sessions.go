@@ -277,7 +277,6 @@ func (t *tokenObject) openSession(owner string, readWrite bool) (godbus.ObjectPa
 			"ReadWrite":  readWrite,
 			"State":      uint32(state),
 		},
-		constant: []string{"Token", "Generation", "Owner", "OwnerPid", "ReadWrite"},
 	})
 	if err != nil {
 		s.closeSession(b, "export failed")

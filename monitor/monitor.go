@@ -149,8 +149,7 @@ type inbox struct {
 // reports are the facts of one inbox, taken by the loop at each refresh.
 type reports struct {
 	pcscDirty       bool
-	pcscConnected   bool
-	pcscErr         error
+	pcscLost        bool // the watcher lost pcscd and has not reconnected yet
 	pcscRecovered   bool
 	modulesDirty    map[string]bool
 	waitUnsupported map[string]bool
@@ -374,13 +373,14 @@ func newLoop(m *Monitor) *loop {
 		l.initModule(mt)
 	}
 	if m.cfg.PCSC {
-		l.pcsc = startPCSCWatcher(backoff{Min: m.cfg.RetryMin, Max: m.cfg.RetryMax}, func(connected bool, err error) {
+		l.pcsc = startPCSCWatcher(backoff{Min: m.cfg.RetryMin, Max: m.cfg.RetryMax}, func(connected bool) {
 			m.inbox.mu.Lock()
-			if connected && !m.inbox.pcscConnected && m.inbox.pcscErr != nil {
-				m.inbox.pcscRecovered = true
+			switch {
+			case !connected:
+				m.inbox.pcscLost = true
+			case m.inbox.pcscLost:
+				m.inbox.pcscLost, m.inbox.pcscRecovered = false, true
 			}
-			m.inbox.pcscConnected = connected
-			m.inbox.pcscErr = err
 			m.inbox.pcscDirty = true
 			m.inbox.mu.Unlock()
 			m.wake()

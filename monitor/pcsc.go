@@ -18,7 +18,7 @@ import (
 // wakes the monitor; the monitor reads reader states itself (readReaders) on
 // a context of its own, so a blocked wait never delays a read.
 type pcscWatcher struct {
-	wake    func(connected bool, err error) // tells the monitor: something changed, or the connection state
+	wake    func(connected bool) // tells the monitor: something changed, or the connection state
 	backoff backoff
 
 	stop chan struct{}
@@ -28,7 +28,7 @@ type pcscWatcher struct {
 	ctx *pcsc.Context
 }
 
-func startPCSCWatcher(b backoff, wake func(bool, error)) *pcscWatcher {
+func startPCSCWatcher(b backoff, wake func(connected bool)) *pcscWatcher {
 	w := &pcscWatcher{wake: wake, backoff: b, stop: make(chan struct{}), done: make(chan struct{})}
 	go w.run()
 	return w
@@ -62,8 +62,8 @@ func (w *pcscWatcher) run() {
 	defer close(w.done)
 	for !w.stopping() {
 		ctx, err := pcsc.EstablishContext()
-		if err != nil {
-			w.wake(false, describePCSCError(err))
+		if err != nil { // pcscd gone (or refusing us): retry with backoff
+			w.wake(false)
 			sleep(w.backoff.Next(), w.stop)
 			continue
 		}
@@ -74,8 +74,10 @@ func (w *pcscWatcher) run() {
 			ctx.Release()
 			return
 		}
-		w.wake(true, nil)
-		err = w.watch(ctx)
+		w.wake(true)
+		// Why the wait ended does not matter here: the loop's own read
+		// finds out (and says why) when it re-reads.
+		w.watch(ctx)
 		w.mu.Lock()
 		w.ctx = nil
 		w.mu.Unlock()
@@ -83,7 +85,7 @@ func (w *pcscWatcher) run() {
 		if w.stopping() {
 			return
 		}
-		w.wake(false, describePCSCError(err))
+		w.wake(false)
 		sleep(w.backoff.Next(), w.stop)
 	}
 }
@@ -106,7 +108,7 @@ func (w *pcscWatcher) watch(ctx *pcsc.Context) error {
 			if states, err = watchList(ctx, nil); err != nil {
 				return err
 			}
-			w.wake(true, nil)
+			w.wake(true)
 			continue
 		case errors.Is(err, scard.ErrTimeout):
 			continue
@@ -126,7 +128,7 @@ func (w *pcscWatcher) watch(ctx *pcsc.Context) error {
 				return err
 			}
 		}
-		w.wake(true, nil)
+		w.wake(true)
 	}
 }
 
