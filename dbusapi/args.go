@@ -10,10 +10,10 @@ import (
 )
 
 // inSignatures maps interface → method → the D-Bus signature of its input
-// arguments, as xml/ (the contract) documents them.
+// arguments, as xml/ (the contract, and GNOME's interfaces) documents them.
 var inSignatures = func() map[string]map[string]string {
 	out := map[string]map[string]string{}
-	for _, name := range ifxml.Names() {
+	for _, name := range append(ifxml.Names(), ifxml.GnomeNames()...) {
 		x, _ := ifxml.Interface(name)
 		var in introspect.Interface
 		if err := xml.Unmarshal([]byte(x), &in); err != nil {

@@ -25,8 +25,9 @@ func newCallers(conn *godbus.Conn, log *slog.Logger) *callers {
 }
 
 // start subscribes to NameOwnerChanged; gone is called, in order, with each
-// unique name that left the bus.
-func (c *callers) start(gone func(name string)) error {
+// unique name that left the bus, and owned when this connection gains
+// (NameAcquired) or loses (NameLost) a well-known name.
+func (c *callers) start(gone func(name string), owned func(name string, acquired bool)) error {
 	if err := c.conn.AddMatchSignal(
 		godbus.WithMatchSender("org.freedesktop.DBus"),
 		godbus.WithMatchInterface("org.freedesktop.DBus"),
@@ -40,6 +41,15 @@ func (c *callers) start(gone func(name string)) error {
 	go func() {
 		defer close(c.done)
 		for sig := range c.ch {
+			if sig.Name == "org.freedesktop.DBus.NameAcquired" || sig.Name == "org.freedesktop.DBus.NameLost" {
+				if len(sig.Body) != 1 || owned == nil {
+					continue
+				}
+				if name, ok := sig.Body[0].(string); ok {
+					owned(name, sig.Name == "org.freedesktop.DBus.NameAcquired")
+				}
+				continue
+			}
 			if sig.Name != "org.freedesktop.DBus.NameOwnerChanged" || len(sig.Body) != 3 {
 				continue
 			}

@@ -27,7 +27,7 @@ func (s *Service) exportDispatch() error {
 		{RootPath, ModuleInterface, noMethods{}},
 		{RootPath, ReaderInterface, noMethods{}},
 		{RootPath, SlotInterface, noMethods{}},
-		{RootPath, propertiesInterface, propsDispatch{s}},
+		{RootPath, propertiesInterface, propsDispatch{s.objs, s.deadPath}},
 		{RootPath, introspectInterface, introspector{s.objs}},
 		// "/" is nobody's object; without these godbus would answer
 		// UnknownInterface there.
@@ -177,8 +177,12 @@ func (d sessionDispatch) Sign(msg godbus.Message, keyID []byte, mechanism uint32
 
 // propsDispatch is org.freedesktop.DBus.Properties for every object. It
 // answers with the contract's errors, as GDBus does: every property is
-// read-only, and an unknown interface or property is InvalidArgs.
-type propsDispatch struct{ s *Service }
+// read-only, and an unknown interface or property is InvalidArgs. dead
+// answers for a path without an object.
+type propsDispatch struct {
+	objs *objects
+	dead func(godbus.ObjectPath) *godbus.Error
+}
 
 func (d propsDispatch) check(msg godbus.Message, sig string) *godbus.Error {
 	got := ""
@@ -199,10 +203,10 @@ func (d propsDispatch) lookup(msg godbus.Message, sig, iface string) (map[string
 		return nil, err
 	}
 	path := msgPath(msg)
-	vals, exists, ok := d.s.objs.get(path, iface)
+	vals, exists, ok := d.objs.get(path, iface)
 	switch {
 	case !exists:
-		return nil, d.s.deadPath(path)
+		return nil, d.dead(path)
 	case !ok:
 		return nil, godbus.NewError(ErrInvalidArgs, []any{fmt.Sprintf("no interface %s on %s", iface, path)})
 	}

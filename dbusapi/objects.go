@@ -29,6 +29,7 @@ import (
 // tree concurrently.
 type objects struct {
 	conn *godbus.Conn
+	root godbus.ObjectPath // where the ObjectManager is; objects are below it
 
 	mu     sync.RWMutex // guards byPath and every object's values
 	byPath map[godbus.ObjectPath]*object
@@ -50,8 +51,8 @@ type iface struct {
 	props   map[string]any // name → value (which never change is documented in xml/)
 }
 
-func newObjects(conn *godbus.Conn) *objects {
-	return &objects{conn: conn, byPath: map[godbus.ObjectPath]*object{}}
+func newObjects(conn *godbus.Conn, root godbus.ObjectPath) *objects {
+	return &objects{conn: conn, root: root, byPath: map[godbus.ObjectPath]*object{}}
 }
 
 // add puts an object on the bus and announces it with InterfacesAdded.
@@ -76,7 +77,7 @@ func (o *objects) add(path godbus.ObjectPath, ifaces ...iface) error {
 	o.byPath[path] = obj
 	managed := obj.managedLocked()
 	o.mu.Unlock()
-	return o.conn.Emit(RootPath, objectManagerInterface+".InterfacesAdded", path, managed)
+	return o.conn.Emit(o.root, objectManagerInterface+".InterfacesAdded", path, managed)
 }
 
 // remove takes an object off the bus and announces it with
@@ -87,7 +88,7 @@ func (o *objects) remove(path godbus.ObjectPath) {
 	delete(o.byPath, path)
 	o.mu.Unlock()
 	if ok {
-		o.conn.Emit(RootPath, objectManagerInterface+".InterfacesRemoved", path, obj.ifaces)
+		o.conn.Emit(o.root, objectManagerInterface+".InterfacesRemoved", path, obj.ifaces)
 	}
 }
 
@@ -173,14 +174,14 @@ type objectManager struct{ o *objects }
 
 // GetManagedObjects returns every object below the root in one round trip.
 func (m objectManager) GetManagedObjects(msg godbus.Message) (map[godbus.ObjectPath]map[string]map[string]godbus.Variant, *godbus.Error) {
-	if got := msgPath(msg); got != RootPath {
+	if got := msgPath(msg); got != m.o.root {
 		return nil, unknownObject(got)
 	}
 	m.o.mu.RLock()
 	defer m.o.mu.RUnlock()
 	out := map[godbus.ObjectPath]map[string]map[string]godbus.Variant{}
 	for path, obj := range m.o.byPath {
-		if path == RootPath {
+		if path == m.o.root {
 			continue // the ObjectManager's own object is not one it manages
 		}
 		out[path] = obj.managedLocked()
@@ -220,9 +221,9 @@ const standardInterfaces = `<interface name="org.freedesktop.DBus.Introspectable
 `
 
 const objectManagerIntrospection = `<interface name="org.freedesktop.DBus.ObjectManager">
-<method name="GetManagedObjects"><arg name="objects" type="a{oa{sa{sv}}}" direction="out"/></method>
-<signal name="InterfacesAdded"><arg name="object" type="o"/><arg name="interfaces" type="a{sa{sv}}"/></signal>
-<signal name="InterfacesRemoved"><arg name="object" type="o"/><arg name="interfaces" type="as"/></signal>
+<method name="GetManagedObjects"><arg name="object_paths_interfaces_and_properties" type="a{oa{sa{sv}}}" direction="out"/></method>
+<signal name="InterfacesAdded"><arg name="object_path" type="o"/><arg name="interfaces_and_properties" type="a{sa{sv}}"/></signal>
+<signal name="InterfacesRemoved"><arg name="object_path" type="o"/><arg name="interfaces" type="as"/></signal>
 </interface>
 `
 
@@ -234,7 +235,7 @@ func (o *objects) introspect(path godbus.ObjectPath) string {
 	b.WriteString("<node>\n")
 	if obj, ok := o.byPath[path]; ok {
 		b.WriteString(standardInterfaces)
-		if path == RootPath {
+		if path == o.root {
 			b.WriteString(objectManagerIntrospection)
 		}
 		for _, name := range obj.ifaces {

@@ -33,6 +33,9 @@ type Options struct {
 	// watched and the snapshot that resulted. Nil: Reload only answers once
 	// the current snapshot is on the bus.
 	Reload func() (map[string]*module.Module, *monitor.Snapshot, error)
+	// Gnome also serves the view as gnome-settings-daemon's smartcard
+	// service (org.gnome.SettingsDaemon.Smartcard); see gnome.go.
+	Gnome GnomeMode
 }
 
 // Service is slotwatch on the bus: it mirrors the monitor's snapshots as
@@ -45,8 +48,9 @@ type Service struct {
 	modsMu  sync.RWMutex // guards modules; Reload replaces it
 	modules map[string]*module.Module
 
-	log  *slog.Logger
-	objs *objects
+	log   *slog.Logger
+	objs  *objects
+	gnome *gnome // nil unless Options.Gnome
 
 	instanceID string
 	sessions   *sessionTable
@@ -58,8 +62,14 @@ type Service struct {
 	// appliedSeq is the snapshot sequence number whose events are all on
 	// the bus; Reload waits for it to reach the reloaded snapshot.
 	appliedSeq atomic.Uint64
-	done       chan struct{}
-	closeMu    sync.Once
+	// lastSnap is the snapshot whose events are all on the bus, and
+	// policyProblem what the removal policy last reported (SetPolicyProblem);
+	// both make up the Manager's StateReason. Guarded by applied.
+	lastSnap      *monitor.Snapshot
+	policyProblem string
+	gnomeOwned    atomic.Bool // this connection owns GnomeBusName
+	done          chan struct{}
+	closeMu       sync.Once
 }
 
 // New prepares a service on conn for the monitor's view. modules are the
@@ -78,9 +88,12 @@ func New(conn *godbus.Conn, mon *monitor.Monitor, modules map[string]*module.Mod
 	rand.Read(id)
 	s := &Service{
 		conn: conn, mon: mon, modules: modules, opts: opts, log: opts.Logger,
-		objs:       newObjects(conn),
+		objs:       newObjects(conn, RootPath),
 		instanceID: hex.EncodeToString(id),
 		done:       make(chan struct{}),
+	}
+	if opts.Gnome != GnomeOff {
+		s.gnome = newGnome(s)
 	}
 	s.sessions = newSessionTable()
 	s.logins = newLoginTable()
@@ -95,6 +108,7 @@ func (s *Service) Start() error {
 	snap, sub := s.mon.Subscribe()
 	s.sub = sub
 	s.appliedSeq.Store(snap.Seq)
+	s.lastSnap = snap
 	if err := s.exportRoot(snap); err != nil {
 		sub.Close()
 		return err
@@ -115,7 +129,13 @@ func (s *Service) Start() error {
 	for _, t := range snap.Tokens() {
 		s.addToken(t)
 	}
-	if err := s.callers.start(func(name string) { s.callerGone(name) }); err != nil {
+	if s.gnome != nil {
+		if err := s.gnome.export(snap); err != nil {
+			sub.Close()
+			return fmt.Errorf("exporting the GNOME objects: %w", err)
+		}
+	}
+	if err := s.callers.start(func(name string) { s.callerGone(name) }, s.nameChanged); err != nil {
 		sub.Close()
 		return err
 	}
@@ -132,6 +152,9 @@ func (s *Service) Start() error {
 			owner = o
 		}
 		return fmt.Errorf("%s is already owned by %s: is another slotwatch running?", BusName, owner)
+	}
+	if s.gnome != nil {
+		s.requestGnomeName()
 	}
 	go s.follow()
 	return nil
@@ -152,6 +175,9 @@ func (s *Service) Close() {
 			s.closeSession(sess, "slotwatch is stopping")
 		}
 		s.conn.ReleaseName(BusName)
+		if s.gnome != nil {
+			s.conn.ReleaseName(GnomeBusName)
+		}
 	})
 }
 
@@ -165,6 +191,10 @@ func (s *Service) follow() {
 		}
 		s.applied.Lock()
 		s.apply(ev)
+		if s.gnome != nil {
+			s.gnome.apply(ev)
+		}
+		s.lastSnap = ev.Snapshot
 		s.applied.Unlock()
 		s.appliedSeq.Store(ev.Snapshot.Seq)
 	}
@@ -222,11 +252,18 @@ func (s *Service) managerProps(snap *monitor.Snapshot) map[string]any {
 			present = true
 		}
 	}
+	reason := snap.StateReason
+	if s.policyProblem != "" {
+		if reason != "" {
+			reason += "; "
+		}
+		reason += s.policyProblem
+	}
 	return map[string]any{
 		"Version":           s.opts.Version,
 		"InstanceId":        s.instanceID,
 		"State":             uint32(snap.State),
-		"StateReason":       snap.StateReason,
+		"StateReason":       reason,
 		"LastGeneration":    snap.LastGeneration,
 		"LoginTokenPresent": present,
 	}
@@ -378,4 +415,79 @@ func (s *Service) module(name string) (*module.Module, bool) {
 func generationOf(p godbus.ObjectPath) (uint64, bool) {
 	g, err := strconv.ParseUint(lastElement(p), 10, 64)
 	return g, err == nil
+}
+
+// SetPolicyProblem shows what went wrong with the removal policy (a lock
+// screen or session manager that did not answer) in the Manager's
+// StateReason, after the monitor's own reason; "" clears it.
+func (s *Service) SetPolicyProblem(problem string) {
+	s.applied.Lock()
+	defer s.applied.Unlock()
+	if s.policyProblem == problem || s.lastSnap == nil {
+		s.policyProblem = problem
+		return
+	}
+	s.policyProblem = problem
+	s.objs.set(RootPath, ManagerInterface, s.managerProps(s.lastSnap))
+}
+
+// requestGnomeName asks for org.gnome.SettingsDaemon.Smartcard. If
+// gsd-smartcard (or anyone) owns it, slotwatch says so and keeps serving
+// its own name; it stays in the name's queue, so it takes the name over
+// when the owner leaves. With GnomeReplace it asks the owner to hand the
+// name over, which works where the owner allowed replacement.
+func (s *Service) requestGnomeName() {
+	var flags godbus.RequestNameFlags
+	if s.opts.Gnome == GnomeReplace {
+		flags = godbus.NameFlagReplaceExisting
+	}
+	owner := s.nameOwner(GnomeBusName)
+	reply, err := s.conn.RequestName(GnomeBusName, flags)
+	if err == nil && reply == godbus.RequestNameReplyPrimaryOwner {
+		s.gnomeOwned.Store(true)
+	}
+	switch {
+	case err != nil:
+		s.log.Error("could not request the GNOME smartcard name; serving "+BusName+" only",
+			"name", GnomeBusName, "err", err)
+	case reply == godbus.RequestNameReplyPrimaryOwner && owner != "":
+		s.log.Info("took over the GNOME smartcard name", "name", GnomeBusName, "from", owner)
+	case reply == godbus.RequestNameReplyPrimaryOwner:
+		s.log.Info("serving the GNOME smartcard name", "name", GnomeBusName)
+	case s.opts.Gnome == GnomeReplace:
+		s.log.Warn(fmt.Sprintf("%s is owned by %s, which does not allow replacement; serving %s only, "+
+			"and waiting in the name's queue: slotwatch takes the name when its owner exits "+
+			"(for gsd-smartcard: systemctl --user stop org.gnome.SettingsDaemon.Smartcard.service)",
+			GnomeBusName, owner, BusName))
+	default:
+		s.log.Warn(fmt.Sprintf("%s is owned by %s (is gsd-smartcard running?); serving %s only, "+
+			"and waiting in the name's queue: slotwatch takes the name when its owner exits; "+
+			"--gnome-compat=replace takes it over now where the owner allows it",
+			GnomeBusName, owner, BusName))
+	}
+}
+
+// nameOwner describes the owner of a bus name (unique name, pid and
+// command line), "" if it has none.
+func (s *Service) nameOwner(name string) string {
+	var o string
+	if s.conn.BusObject().Call("org.freedesktop.DBus.GetNameOwner", 0, name).Store(&o) != nil {
+		return ""
+	}
+	return describeCaller(o, s.callers.pid(o))
+}
+
+// nameChanged logs when slotwatch gains or loses the GNOME name after
+// start-up (its owner left, or replaced slotwatch).
+func (s *Service) nameChanged(name string, acquired bool) {
+	if s.gnome == nil || name != GnomeBusName {
+		return
+	}
+	switch {
+	case acquired && !s.gnomeOwned.Swap(true):
+		s.log.Info("now serving the GNOME smartcard name", "name", name)
+	case !acquired:
+		s.gnomeOwned.Store(false)
+		s.log.Warn("lost the GNOME smartcard name to another owner; serving "+BusName+" only", "name", name)
+	}
 }

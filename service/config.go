@@ -14,21 +14,8 @@ import (
 	"path/filepath"
 	"slices"
 	"strings"
-)
 
-// Values of Config.RemovalAction: what happens when a token in the removal
-// scope is removed.
-const (
-	RemovalActionNone        = "none"
-	RemovalActionLockScreen  = "lock-screen"
-	RemovalActionForceLogout = "force-logout"
-)
-
-// Values of RemovalScope.Kind: which tokens' removal triggers the action.
-const (
-	RemovalScopeLoginToken = "login-token" // the token used to log in (PKCS11_LOGIN_TOKEN_NAME)
-	RemovalScopeAny        = "any"         // any token
-	RemovalScopeSerial     = "serial"      // tokens whose serial is in Serials
+	"github.com/slotwatch/slotwatch/policy"
 )
 
 // Values of ModuleConfig.From: where a module came from.
@@ -41,17 +28,15 @@ const (
 // Config is the parsed config file. The zero value is not useful; start
 // from DefaultConfig.
 type Config struct {
-	RemovalAction string       // one of the RemovalAction* constants
-	RemovalScope  RemovalScope //
-	Notify        bool         // show a desktop notification on insertion and removal
-	Modules       []ModuleConfig
-	Source        string // the file it came from, "" for the built-in defaults
-}
-
-// RemovalScope is the parsed removal-scope value.
-type RemovalScope struct {
-	Kind    string   // one of the RemovalScope* constants
-	Serials []string // only for RemovalScopeSerial; never empty then
+	RemovalAction policy.Action // what happens when a token in RemovalScope is removed
+	// RemovalActionSet is true when the file has a removal-action line
+	// (also "removal-action = none"): with --gnome-compat and no such
+	// line, GNOME's own setting applies.
+	RemovalActionSet bool
+	RemovalScope     policy.Scope // which tokens' removal triggers RemovalAction
+	Notify           bool         // show a desktop notification on insertion and removal
+	Modules          []ModuleConfig
+	Source           string // the file it came from, "" for the built-in defaults
 }
 
 // ModuleConfig is one PKCS#11 module to load.
@@ -76,37 +61,13 @@ type ModuleConfig struct {
 	Source string
 }
 
-// String renders the scope the way the config file spells it.
-func (s RemovalScope) String() string {
-	if s.Kind == RemovalScopeSerial {
-		return RemovalScopeSerial + ":" + strings.Join(s.Serials, ",")
-	}
-	return s.Kind
-}
-
-// Covers reports whether removing a token with this serial triggers the
-// removal action. usedForLogin is true for the token the session was
-// logged in with. The serial is compared after trimming PKCS#11's blank
-// padding.
-func (s RemovalScope) Covers(serial string, usedForLogin bool) bool {
-	switch s.Kind {
-	case RemovalScopeAny:
-		return true
-	case RemovalScopeLoginToken:
-		return usedForLogin
-	case RemovalScopeSerial:
-		return slices.Contains(s.Serials, strings.TrimSpace(serial))
-	}
-	return false
-}
-
 // DefaultConfig is what slotwatch runs with when there is no config file:
 // no removal action, scope login-token, no notifications, no [module]
 // sections (so p11-kit's registry supplies the modules).
 func DefaultConfig() *Config {
 	return &Config{
-		RemovalAction: RemovalActionNone,
-		RemovalScope:  RemovalScope{Kind: RemovalScopeLoginToken},
+		RemovalAction: policy.ActionNone,
+		RemovalScope:  policy.Scope{Kind: policy.ScopeLoginToken},
 	}
 }
 
@@ -292,9 +253,10 @@ func (p *configParser) setTopKey(key, value string) error {
 	p.topLines[key] = p.line
 	switch key {
 	case "removal-action":
-		switch value {
-		case RemovalActionNone, RemovalActionLockScreen, RemovalActionForceLogout:
-			p.cfg.RemovalAction = value
+		switch a := policy.Action(value); a {
+		case policy.ActionNone, policy.ActionLockScreen, policy.ActionForceLogout:
+			p.cfg.RemovalAction = a
+			p.cfg.RemovalActionSet = true
 		default:
 			return p.errorf(p.line, "bad value %q for removal-action (want none, lock-screen or force-logout)", value)
 		}
@@ -361,26 +323,26 @@ func parseConfigBool(key, value string) (bool, error) {
 	return false, fmt.Errorf("bad value %q for %s (want true or false)", value, key)
 }
 
-func parseRemovalScope(value string) (RemovalScope, error) {
+func parseRemovalScope(value string) (policy.Scope, error) {
 	switch value {
-	case RemovalScopeLoginToken, RemovalScopeAny:
-		return RemovalScope{Kind: value}, nil
+	case policy.ScopeLoginToken, policy.ScopeAny:
+		return policy.Scope{Kind: value}, nil
 	}
-	list, ok := strings.CutPrefix(value, RemovalScopeSerial+":")
+	list, ok := strings.CutPrefix(value, policy.ScopeSerial+":")
 	if !ok {
-		return RemovalScope{}, fmt.Errorf("bad value %q for removal-scope (want login-token, any or serial:SERIAL[,SERIAL...])", value)
+		return policy.Scope{}, fmt.Errorf("bad value %q for removal-scope (want login-token, any or serial:SERIAL[,SERIAL...])", value)
 	}
 	var serials []string
 	for s := range strings.SplitSeq(list, ",") {
 		s = strings.TrimSpace(s)
 		if s == "" {
-			return RemovalScope{}, fmt.Errorf("empty serial in removal-scope %q (want serial:SERIAL[,SERIAL...])", value)
+			return policy.Scope{}, fmt.Errorf("empty serial in removal-scope %q (want serial:SERIAL[,SERIAL...])", value)
 		}
 		if !slices.Contains(serials, s) {
 			serials = append(serials, s)
 		}
 	}
-	return RemovalScope{Kind: RemovalScopeSerial, Serials: serials}, nil
+	return policy.Scope{Kind: policy.ScopeSerial, Serials: serials}, nil
 }
 
 // validModuleName reports whether name matches [A-Za-z0-9_-]+.

@@ -8,6 +8,8 @@ import (
 	"reflect"
 	"strings"
 	"testing"
+
+	"github.com/slotwatch/slotwatch/policy"
 )
 
 func TestConfigParseGood(t *testing.T) {
@@ -34,22 +36,31 @@ notify = false
 path = /usr/lib/x86_64-linux-gnu/pkcs11/opensc-pkcs11.so
 isolate = false                  # true: load through p11-kit remote (crash isolation)
 `, def(func(c *Config) {
+			c.RemovalActionSet = true // "removal-action = none" is a choice, unlike no line
 			c.Modules = []ModuleConfig{{Name: "opensc", Path: "/usr/lib/x86_64-linux-gnu/pkcs11/opensc-pkcs11.so", From: ModuleFromConfig, Source: "slotwatch.conf:5"}}
 		})},
 		{"every value set", `removal-action=force-logout
 removal-scope = any
 notify = true
 `, def(func(c *Config) {
-			c.RemovalAction = RemovalActionForceLogout
-			c.RemovalScope = RemovalScope{Kind: RemovalScopeAny}
+			c.RemovalAction = policy.ActionForceLogout
+			c.RemovalActionSet = true
+			c.RemovalScope = policy.Scope{Kind: policy.ScopeAny}
 			c.Notify = true
 		})},
-		{"lock-screen", "removal-action = lock-screen\n", def(func(c *Config) { c.RemovalAction = RemovalActionLockScreen })},
+		{"lock-screen", "removal-action = lock-screen\n", def(func(c *Config) {
+			c.RemovalAction = policy.ActionLockScreen
+			c.RemovalActionSet = true
+		})},
+		{"none given explicitly is set", "removal-action = none\n", def(func(c *Config) { c.RemovalActionSet = true })},
+		{"scope alone does not set the action", "removal-scope = any\n", def(func(c *Config) {
+			c.RemovalScope = policy.Scope{Kind: policy.ScopeAny}
+		})},
 		{"serials trimmed and deduplicated", "removal-scope = serial: 0123 ,ABCD,0123\n", def(func(c *Config) {
-			c.RemovalScope = RemovalScope{Kind: RemovalScopeSerial, Serials: []string{"0123", "ABCD"}}
+			c.RemovalScope = policy.Scope{Kind: policy.ScopeSerial, Serials: []string{"0123", "ABCD"}}
 		})},
 		{"one serial", "removal-scope = serial:42\n", def(func(c *Config) {
-			c.RemovalScope = RemovalScope{Kind: RemovalScopeSerial, Serials: []string{"42"}}
+			c.RemovalScope = policy.Scope{Kind: policy.ScopeSerial, Serials: []string{"42"}}
 		})},
 		{"two modules, isolate, cleaned path, CRLF, BOM", "\ufeffnotify = true\r\n[module a]\r\npath = /opt//a/../a/liba.so\r\n[ module  b_2-x ]\r\nisolate = true\r\npath=/opt/b.so\r\n", def(func(c *Config) {
 			c.Notify = true
@@ -138,31 +149,27 @@ func TestConfigParseBad(t *testing.T) {
 	}
 }
 
+// parseRemovalScope and policy.Scope.String are inverses (Covers is
+// tested in package policy).
 func TestConfigRemovalScope(t *testing.T) {
 	tests := []struct {
-		scope     string
-		serial    string
-		login     bool
-		want      bool
-		wantSpell string
+		in   string
+		want policy.Scope
 	}{
-		{"login-token", "1", true, true, "login-token"},
-		{"login-token", "1", false, false, "login-token"},
-		{"any", "1", false, true, "any"},
-		{"serial:1,2", "2", false, true, "serial:1,2"},
-		{"serial:1,2", "2   ", false, true, "serial:1,2"}, // PKCS#11 pads serials with blanks
-		{"serial:1,2", "3", true, false, "serial:1,2"},
+		{"login-token", policy.Scope{Kind: policy.ScopeLoginToken}},
+		{"any", policy.Scope{Kind: policy.ScopeAny}},
+		{"serial:1,2", policy.Scope{Kind: policy.ScopeSerial, Serials: []string{"1", "2"}}},
 	}
 	for _, tt := range tests {
-		s, err := parseRemovalScope(tt.scope)
+		s, err := parseRemovalScope(tt.in)
 		if err != nil {
-			t.Fatalf("parseRemovalScope(%q): %v", tt.scope, err)
+			t.Fatalf("parseRemovalScope(%q): %v", tt.in, err)
 		}
-		if got := s.Covers(tt.serial, tt.login); got != tt.want {
-			t.Errorf("%q.Covers(%q, %v) = %v, want %v", tt.scope, tt.serial, tt.login, got, tt.want)
+		if !reflect.DeepEqual(s, tt.want) {
+			t.Errorf("parseRemovalScope(%q) = %+v, want %+v", tt.in, s, tt.want)
 		}
-		if got := s.String(); got != tt.wantSpell {
-			t.Errorf("%q.String() = %q, want %q", tt.scope, got, tt.wantSpell)
+		if got := s.String(); got != tt.in {
+			t.Errorf("parseRemovalScope(%q).String() = %q", tt.in, got)
 		}
 	}
 }
@@ -205,14 +212,14 @@ func TestConfigLoad(t *testing.T) {
 	// Only the system file.
 	writeConfigFile(t, system, "removal-action = lock-screen\n")
 	cfg, err = LoadConfig("")
-	if err != nil || cfg.RemovalAction != RemovalActionLockScreen || cfg.Source != system {
+	if err != nil || cfg.RemovalAction != policy.ActionLockScreen || !cfg.RemovalActionSet || cfg.Source != system {
 		t.Errorf("LoadConfig with a system file = %+v, %v; want lock-screen from %s", cfg, err, system)
 	}
 
 	// The user's file wins, whole (no merging with the system file).
 	writeConfigFile(t, userFile, "notify = true\n")
 	cfg, err = LoadConfig("")
-	if err != nil || !cfg.Notify || cfg.RemovalAction != RemovalActionNone || cfg.Source != userFile {
+	if err != nil || !cfg.Notify || cfg.RemovalAction != policy.ActionNone || cfg.RemovalActionSet || cfg.Source != userFile {
 		t.Errorf("LoadConfig with a user file = %+v, %v; want notify and no removal action from %s", cfg, err, userFile)
 	}
 
@@ -224,7 +231,7 @@ func TestConfigLoad(t *testing.T) {
 	}
 	writeConfigFile(t, homeFile, "removal-scope = any\n")
 	cfg, err = LoadConfig("")
-	if err != nil || cfg.RemovalScope.Kind != RemovalScopeAny || cfg.Source != homeFile {
+	if err != nil || cfg.RemovalScope.Kind != policy.ScopeAny || cfg.Source != homeFile {
 		t.Errorf("LoadConfig from ~/.config = %+v, %v", cfg, err)
 	}
 

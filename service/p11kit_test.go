@@ -8,6 +8,8 @@ import (
 	"slices"
 	"strings"
 	"testing"
+
+	"github.com/slotwatch/slotwatch/policy"
 )
 
 func TestP11KitParseModuleFile(t *testing.T) {
@@ -548,7 +550,7 @@ func TestP11KitResolveModules(t *testing.T) {
 		writeConfigFile(t, filepath.Join(d, "xdg", "slotwatch", "slotwatch.conf"), "removal-action = lock-screen\n")
 		t.Cleanup(func() { os.RemoveAll(filepath.Join(d, "xdg")) })
 		cfg, _, _, err := resolveModules(nil, "", f.dirs, f.libDir)
-		if err != nil || cfg.RemovalAction != RemovalActionLockScreen {
+		if err != nil || cfg.RemovalAction != policy.ActionLockScreen {
 			t.Errorf("config %+v, %v; want the user's lock-screen", cfg, err)
 		}
 	})
@@ -561,7 +563,7 @@ func TestP11KitResolveModules(t *testing.T) {
 		if err != nil {
 			t.Fatal(err)
 		}
-		if cfg.RemovalAction != RemovalActionNone || cfg.Source != "" {
+		if cfg.RemovalAction != policy.ActionNone || cfg.Source != "" {
 			t.Errorf("config %+v, want the defaults (no search with --module)", cfg)
 		}
 		want := []ModuleConfig{
@@ -584,7 +586,7 @@ func TestP11KitResolveModules(t *testing.T) {
 		if err != nil {
 			t.Fatal(err)
 		}
-		if cfg.RemovalScope.Kind != RemovalScopeAny {
+		if cfg.RemovalScope.Kind != policy.ScopeAny {
 			t.Errorf("config %+v, want removal-scope any", cfg)
 		}
 		if got := moduleNames(mods); !slices.Equal(got, []string{"opensc-pkcs11"}) {

@@ -8,6 +8,7 @@ import (
 	"log/slog"
 	"os"
 	"os/signal"
+	"sync/atomic"
 	"syscall"
 	"time"
 
@@ -17,6 +18,7 @@ import (
 	"github.com/slotwatch/slotwatch/dbusapi"
 	"github.com/slotwatch/slotwatch/module"
 	"github.com/slotwatch/slotwatch/monitor"
+	"github.com/slotwatch/slotwatch/policy"
 )
 
 // version is set at build time (-ldflags "-X main.version=...").
@@ -32,7 +34,8 @@ func runServe(args []string) error {
 	var modules stringList
 	fs.Var(&modules, "module", "watch exactly this PKCS#11 module (repeatable; no config file, no p11-kit registry)")
 	configPath := fs.String("config", "", "config file (default $XDG_CONFIG_HOME/slotwatch/slotwatch.conf, then /etc/slotwatch/slotwatch.conf)")
-	gnomeCompat := fs.String("gnome-compat", "", "also serve org.gnome.SettingsDaemon.Smartcard (not available yet)")
+	var gnome gnomeFlag
+	fs.Var(&gnome, "gnome-compat", "also serve org.gnome.SettingsDaemon.Smartcard, as gnome-settings-daemon's smartcard service does; =replace takes the name over from its owner where allowed")
 	logCalls := fs.Bool("log-calls", false, "log every PKCS#11 call (PINs and secrets redacted)")
 	logLevel := fs.String("log-level", "info", "debug, info, warn or error")
 	noPCSC := fs.Bool("no-pcsc", false, "do not watch PC/SC readers")
@@ -43,9 +46,6 @@ func runServe(args []string) error {
 	logger, err := newLogger(*logLevel, *logCalls)
 	if err != nil {
 		return err
-	}
-	if *gnomeCompat != "" {
-		return errors.New("--gnome-compat is not available in this version")
 	}
 
 	cfg, mods, warnings, err := ResolveModules(modules, *configPath)
@@ -94,15 +94,20 @@ func runServe(args []string) error {
 	if err != nil {
 		return err
 	}
+	var pol atomic.Pointer[policy.Policy] // set once the service is up; Reload reconfigures it
 	svc := dbusapi.New(conn, mon, byName, dbusapi.Options{
 		Logger:         logger,
 		Version:        version,
 		LoginTokenName: os.Getenv("PKCS11_LOGIN_TOKEN_NAME"),
+		Gnome:          gnome.mode,
 		Reload: func() (map[string]*module.Module, *monitor.Snapshot, error) {
-			_, mods, warnings, err := ResolveModules(modules, *configPath)
+			cfg, mods, warnings, err := ResolveModules(modules, *configPath)
 			if err != nil {
-				logger.Error("reload: keeping the current modules", "err", err)
+				logger.Error("reload: keeping the current configuration", "err", err)
 				return nil, nil, err
+			}
+			if p := pol.Load(); p != nil {
+				p.SetConfig(removalPolicy(cfg, gnome.mode, logger, nil))
 			}
 			for _, w := range warnings {
 				logger.Warn(w)
@@ -120,6 +125,7 @@ func runServe(args []string) error {
 		mon.Close()
 		return err
 	}
+	pol.Store(policy.Start(conn, mon, removalPolicy(cfg, gnome.mode, logger, svc.SetPolicyProblem)))
 	daemon.SdNotify(false, daemon.SdNotifyReady)
 	logger.Info("serving", "name", dbusapi.BusName, "state", mon.Snapshot().State.String())
 
@@ -140,6 +146,7 @@ func runServe(args []string) error {
 	logger.Info("stopping")
 	done := make(chan struct{})
 	go func() {
+		pol.Load().Close()
 		svc.Close()
 		mon.Close()
 		close(done)
@@ -221,4 +228,56 @@ func newLogger(level string, logCalls bool) (*slog.Logger, error) {
 		}
 	}
 	return slog.New(slog.NewTextHandler(os.Stderr, opts)), nil
+}
+
+// gnomeFlag is --gnome-compat: alone (or =true) it serves GNOME's
+// smartcard name, waiting in its queue while gsd-smartcard owns it;
+// =replace takes the name over where the owner allows it.
+type gnomeFlag struct{ mode dbusapi.GnomeMode }
+
+func (f *gnomeFlag) IsBoolFlag() bool { return true }
+
+func (f *gnomeFlag) String() string {
+	switch f.mode {
+	case dbusapi.GnomeQueue:
+		return "true"
+	case dbusapi.GnomeReplace:
+		return "replace"
+	}
+	return "false"
+}
+
+func (f *gnomeFlag) Set(v string) error {
+	switch v {
+	case "true", "queue":
+		f.mode = dbusapi.GnomeQueue
+	case "false":
+		f.mode = dbusapi.GnomeOff
+	case "replace":
+		f.mode = dbusapi.GnomeReplace
+	default:
+		return fmt.Errorf("want --gnome-compat or --gnome-compat=replace, got %q", v)
+	}
+	return nil
+}
+
+// removalPolicy is the policy.Config of the config file. With
+// --gnome-compat and no removal-action line, GNOME's own setting decides,
+// as it does for gsd-smartcard.
+func removalPolicy(cfg *Config, gnome dbusapi.GnomeMode, logger *slog.Logger, report func(string)) policy.Config {
+	if cfg == nil {
+		cfg = DefaultConfig()
+	}
+	pc := policy.Config{
+		Action:         cfg.RemovalAction,
+		Scope:          cfg.RemovalScope,
+		Notify:         cfg.Notify,
+		LoginTokenName: os.Getenv("PKCS11_LOGIN_TOKEN_NAME"),
+		Logger:         logger,
+		Report:         report,
+	}
+	if gnome != dbusapi.GnomeOff && !cfg.RemovalActionSet {
+		pc.Action, pc.GSettings = "", true
+	}
+	return pc
 }

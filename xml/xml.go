@@ -2,6 +2,9 @@
 // its six interfaces (Manager, Module, Reader, Slot, Token and Session
 // under Prefix), one documented file per interface, embedded into the
 // binary. The same files are installed to /usr/share/dbus-1/interfaces/.
+// gnome/ holds the three interfaces of gnome-settings-daemon's smartcard
+// service (GnomePrefix), which "slotwatch serve --gnome-compat" also
+// serves; GnomeNames lists them.
 //
 // Interface returns one interface's <interface> element, to be placed
 // inside the <node> of an Introspect reply; File returns a whole file.
@@ -34,6 +37,18 @@ const Prefix = "io.github.slotwatch.Slotwatch1"
 //go:embed *.xml
 var files embed.FS
 
+// gnomeFiles are the interfaces of gnome-settings-daemon's smartcard
+// plugin (org.gnome.SettingsDaemon.Smartcard.*), which slotwatch serves
+// with --gnome-compat. They are GNOME's contract, not slotwatch's: they
+// are served, not installed.
+//
+//go:embed gnome/*.xml
+var gnomeFiles embed.FS
+
+// GnomePrefix is the common prefix of the GNOME interfaces in gnome/ and
+// the bus name slotwatch owns with --gnome-compat.
+const GnomePrefix = "org.gnome.SettingsDaemon.Smartcard"
+
 // doc is one embedded file.
 type doc struct {
 	file  string // the whole file
@@ -43,6 +58,15 @@ type doc struct {
 // docs maps full interface names to their files. The files are part of the
 // binary and checked by the tests, so a broken one is a programming error.
 var docs = mustLoad(files)
+
+// gnomeDocs maps the full names of the GNOME interfaces to their files.
+var gnomeDocs = func() map[string]doc {
+	sub, err := fs.Sub(gnomeFiles, "gnome")
+	if err != nil {
+		panic("slotwatch/xml: " + err.Error())
+	}
+	return mustLoad(sub)
+}()
 
 func mustLoad(fsys fs.FS) map[string]doc {
 	m, err := load(fsys)
@@ -123,12 +147,15 @@ func lookup(name string) (doc, bool) {
 	if d, ok := docs[name]; ok {
 		return d, true
 	}
-	d, ok := docs[Prefix+"."+name]
+	if d, ok := docs[Prefix+"."+name]; ok {
+		return d, true
+	}
+	d, ok := gnomeDocs[name]
 	return d, ok
 }
 
 // Interface returns the <interface name="…">…</interface> element of the
-// named interface, documentation comments included, as it appears in its
+// named interface (one of slotwatch's, or one of GNOME's in gnome/), documentation comments included, as it appears in its
 // file: what an Introspect reply puts inside its <node> for an object that
 // implements the interface. It reports false for an unknown name.
 func Interface(name string) (string, bool) {
@@ -150,4 +177,10 @@ func File(name string) ([]byte, bool) {
 // Names returns the full names of all of slotwatch's interfaces, sorted.
 func Names() []string {
 	return slices.Sorted(maps.Keys(docs))
+}
+
+// GnomeNames returns the full names of the GNOME interfaces slotwatch
+// serves with --gnome-compat, sorted.
+func GnomeNames() []string {
+	return slices.Sorted(maps.Keys(gnomeDocs))
 }
