@@ -7,7 +7,7 @@ BIN     := bin/slotwatch
 # What the build and the real-stack tests need on Debian 12.
 DEBS := pcscd libpcsclite-dev vsmartcard-vpcd vsmartcard-vpicc python3-virtualsmartcard \
         opensc-pkcs11 opensc softhsm2 p11-kit dbus gcc libc6-dev pkg-config \
-        systemd libxml2-utils
+        systemd libxml2-utils libglib2.0-bin
 
 .PHONY: all deps build test demo bench stress fuzz clean install
 
@@ -49,9 +49,11 @@ demo: deps build
 # daemon built without the race detector so that its memory can be judged),
 # 1,000 clients that die holding sessions, 1,000 cycles of a virtual card
 # through the real stack, 100 crashes of an isolated module, and 100 pcscd
-# restarts with a card in the reader.
+# restarts with a card in the reader; and 100 open-loop 450/450 ms cycles
+# at a GNOME-style subscriber (--gnome-compat).
 stress: deps faultmod
 	SLOTWATCH_TEST_NORACE=1 SLOTWATCH_STRESS_CYCLES=100000 SLOTWATCH_STRESS_CLIENTS=1000 SLOTWATCH_STRESS_REAL_CYCLES=1000 SLOTWATCH_STRESS_CRASHES=100 $(GO) test -count=1 -timeout 60m -run 'Stress' -v ./tests/
+	SLOTWATCH_GNOME_CYCLES=100 $(GO) test -count=1 -timeout 10m -run 'GnomeOpenLoop' -v ./tests/
 	SLOTWATCH_STRESS_RESTARTS=100 $(GO) test -race -count=1 -timeout 30m -run 'RestartLoop' -v ./monitor/
 
 bench: deps faultmod

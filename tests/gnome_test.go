@@ -604,3 +604,63 @@ func TestGnomeNameOwned(t *testing.T) {
 		}
 	})
 }
+
+// TestGnomeOpenLoopReplug: a card goes in and out on a fixed 450/450 ms
+// rhythm that does not wait for anybody (open loop, the rhythm at which
+// gsd-smartcard showed 1–15 of 200 transitions). Every transition pcscd
+// counted (its per-reader event counter) reaches the GNOME-style
+// subscriber, alternating inserted/removed, and nothing else does. make
+// test runs 20 cycles; SLOTWATCH_GNOME_CYCLES=100 is the figure in the
+// README.
+func TestGnomeOpenLoopReplug(t *testing.T) {
+	cycles := stressCount("SLOTWATCH_GNOME_CYCLES", 20)
+	pcscd := stack.StartPCSCDForTest(t, stack.PCSCDConfig{Socket: pcscSocket, Dir: t.TempDir()})
+	bus := stack.StartDBusForTest(t, "")
+	startDaemon(t, bus, nil, "--module", stack.OpenSCModule, "--gnome-compat", "--log-level", "info")
+	g := followGnome(t, bus)
+	reader := pcscd.Readers()[0]
+	obs := stack.NewObserverForTest(t, pcscd)
+	card := vcard.New(pcscd.Addr(0), vcard.Profile{Label: "Rhythm", Serial: "450450"})
+	t.Cleanup(func() { card.Close() })
+
+	const half = 450 * time.Millisecond
+	next := time.Now()
+	for range cycles {
+		if err := card.Insert(); err != nil {
+			t.Fatal(err)
+		}
+		next = next.Add(half)
+		time.Sleep(time.Until(next))
+		if err := card.Remove(); err != nil {
+			t.Fatal(err)
+		}
+		next = next.Add(half)
+		time.Sleep(time.Until(next))
+	}
+	if _, err := obs.WaitFor(reader, func(c stack.ObservedChange) bool { return !c.Present }, 5*time.Second); err != nil {
+		t.Fatal(err)
+	}
+	pcscdTransitions := int(obs.Current(reader).EventCount) // the reader attached at 0 and stayed
+
+	var events []string
+	for len(events) < pcscdTransitions {
+		select {
+		case e := <-g.events:
+			events = append(events, e)
+		case <-time.After(5 * time.Second):
+			t.Fatalf("pcscd counted %d transitions; the GNOME-style subscriber saw %d: %q", pcscdTransitions, len(events), events)
+		}
+	}
+	g.quiet(time.Second)
+	for i, e := range events {
+		want := "inserted Rhythm"
+		if i%2 == 1 {
+			want = "removed Rhythm"
+		}
+		if e != want {
+			t.Fatalf("event %d is %q, want %q (all: %q)", i, e, want, events)
+		}
+	}
+	t.Logf("%d cycles at 450/450 ms: pcscd counted %d transitions, the GNOME-style subscriber saw %d (%d inserted, %d removed)",
+		cycles, pcscdTransitions, len(events), (len(events)+1)/2, len(events)/2)
+}
