@@ -28,17 +28,25 @@ func (s *Service) exportDispatch() error {
 		{RootPath, ReaderInterface, noMethods{}},
 		{RootPath, SlotInterface, noMethods{}},
 		{RootPath, propertiesInterface, propsDispatch{s.objs, s.deadPath}},
-		{RootPath, introspectInterface, introspector{s.objs}},
+		{RootPath, introspectInterface, introspector{s.trees()}},
 		// "/" is nobody's object; without these godbus would answer
 		// UnknownInterface there.
 		{"/", ManagerInterface, managerDispatch{s}},
-		{"/", introspectInterface, introspector{s.objs}},
+		{"/", introspectInterface, introspector{s.trees()}},
 	} {
 		if err := s.conn.ExportSubtree(e.v, e.path, e.iface); err != nil {
 			return err
 		}
 	}
 	return nil
+}
+
+// trees are the object trees this service serves.
+func (s *Service) trees() []*objects {
+	if s.gnome != nil {
+		return []*objects{s.objs, s.gnome.objs}
+	}
+	return []*objects{s.objs}
 }
 
 // dead answers a method call on a path without a live object (after the

@@ -126,7 +126,7 @@ func (g *gnome) export(snap *monitor.Snapshot) error {
 		{GnomeDriverInterface, noMethods{}},
 		{GnomeTokenInterface, noMethods{}},
 		{propertiesInterface, propsDispatch{g.objs, unknownObject}},
-		{introspectInterface, introspector{g.objs}},
+		{introspectInterface, introspector{g.s.trees()}},
 	} {
 		if err := g.s.conn.ExportSubtree(e.v, GnomeRootPath, e.iface); err != nil {
 			return err

@@ -189,14 +189,26 @@ func (m objectManager) GetManagedObjects(msg godbus.Message) (map[godbus.ObjectP
 	return out, nil
 }
 
-// introspector answers Introspect for every path of the tree: the
-// object's interfaces (from xml/, the documented contract) and its
-// children.
-type introspector struct{ o *objects }
+// introspector answers Introspect for every path of the trees (the
+// native one, and GNOME's with --gnome-compat): the interfaces of the
+// object at the path (from xml/, the documented contract), and the
+// children from every tree, so that "/" leads to both.
+type introspector struct{ trees []*objects }
 
 func (in introspector) Introspect(msg godbus.Message) (string, *godbus.Error) {
 	path, _ := msg.Headers[godbus.FieldPath].Value().(godbus.ObjectPath)
-	return in.o.introspect(path), nil
+	var b strings.Builder
+	b.WriteString(introspectHeader)
+	b.WriteString("<node>\n")
+	children := map[string]bool{}
+	for _, o := range in.trees {
+		o.introspect(path, &b, children)
+	}
+	for _, c := range slices.Sorted(maps.Keys(children)) {
+		fmt.Fprintf(&b, "<node name=%q/>\n", c)
+	}
+	b.WriteString("</node>\n")
+	return b.String(), nil
 }
 
 const introspectHeader = `<!DOCTYPE node PUBLIC "-//freedesktop//DTD D-BUS Object Introspection 1.0//EN"
@@ -227,12 +239,11 @@ const objectManagerIntrospection = `<interface name="org.freedesktop.DBus.Object
 </interface>
 `
 
-func (o *objects) introspect(path godbus.ObjectPath) string {
+// introspect writes the interfaces of the object at path, if this tree
+// has one, and adds the names of its children in this tree to children.
+func (o *objects) introspect(path godbus.ObjectPath, b *strings.Builder, children map[string]bool) {
 	o.mu.RLock()
 	defer o.mu.RUnlock()
-	var b strings.Builder
-	b.WriteString(introspectHeader)
-	b.WriteString("<node>\n")
 	if obj, ok := o.byPath[path]; ok {
 		b.WriteString(standardInterfaces)
 		if path == o.root {
@@ -249,16 +260,10 @@ func (o *objects) introspect(path godbus.ObjectPath) string {
 	if path == "/" {
 		prefix = "/"
 	}
-	children := map[string]bool{}
 	for p := range o.byPath {
 		if rest, ok := strings.CutPrefix(string(p), prefix); ok {
 			child, _, _ := strings.Cut(rest, "/")
 			children[child] = true
 		}
 	}
-	for _, c := range slices.Sorted(maps.Keys(children)) {
-		fmt.Fprintf(&b, "<node name=%q/>\n", c)
-	}
-	b.WriteString("</node>\n")
-	return b.String()
 }

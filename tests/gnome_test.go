@@ -240,6 +240,17 @@ func TestGnomeIntrospectionMatchesGSD(t *testing.T) {
 		})
 	}
 
+	// busctl tree and d-feet walk from "/": both trees are reachable.
+	for path, child := range map[godbus.ObjectPath]string{"/": "org", "/org/gnome/SettingsDaemon": "Smartcard"} {
+		var x string
+		if err := g.conn.Object(gnomeName, path).Call("org.freedesktop.DBus.Introspectable.Introspect", 0).Store(&x); err != nil {
+			t.Fatalf("Introspect %s: %v", path, err)
+		}
+		if got := childNames(parseNode(t, x)); !slices.Contains(got, child) {
+			t.Errorf("Introspect %s: children %q, want %q among them", path, got, child)
+		}
+	}
+
 	// The values of the captured tree, for the same card.
 	var drv, tok map[string]godbus.Variant
 	if err := g.conn.Object(gnomeName, driverPath).Call("org.freedesktop.DBus.Properties.GetAll", 0, gnomeDrvIface).Store(&drv); err != nil {

@@ -62,8 +62,8 @@ func run(bin string) error {
 	defer bus.Stop()
 	say("started a private D-Bus bus: %s", bus.Address)
 
-	say("starting: %s serve --address BUS --module %s", bin, stack.OpenSCModule)
-	serve := exec.Command(bin, "serve", "--address", bus.Address, "--module", stack.OpenSCModule, "--log-level", "warn")
+	say("starting: %s serve --address BUS --module %s --gnome-compat", bin, stack.OpenSCModule)
+	serve := exec.Command(bin, "serve", "--address", bus.Address, "--module", stack.OpenSCModule, "--gnome-compat", "--log-level", "warn")
 	serve.Env = append(os.Environ(), "PCSCLITE_CSOCK_NAME="+socket, "OPENSC_CONF="+conf)
 	serve.Stdout, serve.Stderr = os.Stdout, os.Stderr
 	if err := serve.Start(); err != nil {
@@ -157,6 +157,8 @@ func run(bin string) error {
 	pause(2 * time.Second)
 	say("busctl --address BUS tree io.github.slotwatch.Slotwatch1")
 	show(exec.Command("busctl", "--address="+bus.Address, "tree", "io.github.slotwatch.Slotwatch1"))
+	say("the same card as GNOME's login screen sees it (--gnome-compat): gdbus introspect --address BUS -d org.gnome.SettingsDaemon.Smartcard -o /org/gnome/SettingsDaemon/Smartcard -r -p")
+	show(exec.Command("gdbus", "introspect", "--address", bus.Address, "-d", "org.gnome.SettingsDaemon.Smartcard", "-o", "/org/gnome/SettingsDaemon/Smartcard", "-r", "-p"))
 	say("%s list --address BUS", bin)
 	show(exec.Command(bin, "list", "--address", bus.Address))
 	say("done; stopping slotwatch, pcscd and the bus")
