@@ -1,4 +1,5 @@
-# slotwatch — see README.md. Targets: deps build test demo bench clean.
+# slotwatch — see README.md. Targets: deps build test demo bench stress fuzz
+# clean install install-gnome uninstall-gnome.
 
 GO      ?= $(shell command -v go 2>/dev/null || echo /usr/local/go/bin/go)
 SUDO    := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
@@ -9,7 +10,7 @@ DEBS := pcscd libpcsclite-dev vsmartcard-vpcd vsmartcard-vpicc python3-virtualsm
         opensc-pkcs11 opensc softhsm2 p11-kit dbus gcc libc6-dev pkg-config \
         systemd libxml2-utils libglib2.0-bin
 
-.PHONY: all deps build test demo bench stress fuzz clean install
+.PHONY: all deps build test demo bench stress fuzz clean install install-gnome uninstall-gnome
 
 all: build
 
@@ -92,6 +93,8 @@ install: build
 	$(INSTALL) -m 0755 $(BIN) "$(DESTDIR)$(BINDIR)/slotwatch"
 	sed -e 's|@bindir@|$(BINDIR)|g' packaging/slotwatch.service > bin/packaging/slotwatch.service
 	$(INSTALL) -m 0644 bin/packaging/slotwatch.service "$(DESTDIR)$(USERUNITDIR)/slotwatch.service"
+	sed -e 's|@bindir@|$(BINDIR)|g' packaging/gnome/slotwatch-gnome.service > bin/packaging/slotwatch-gnome.service
+	$(INSTALL) -m 0644 bin/packaging/slotwatch-gnome.service "$(DESTDIR)$(USERUNITDIR)/slotwatch-gnome.service"
 	$(INSTALL) -m 0644 packaging/io.github.slotwatch.Slotwatch1.service \
 		"$(DESTDIR)$(DATADIR)/dbus-1/services/io.github.slotwatch.Slotwatch1.service"
 	$(if $(INTERFACE_XML),$(INSTALL) -m 0644 $(INTERFACE_XML) "$(DESTDIR)$(DATADIR)/dbus-1/interfaces/")
@@ -103,3 +106,37 @@ install: build
 		echo "$(INSTALL) -m 0644 packaging/slotwatch.conf $$conf"; \
 		$(INSTALL) -m 0644 packaging/slotwatch.conf "$$conf"; \
 	fi
+
+# install-gnome runs slotwatch in place of gnome-settings-daemon's smartcard
+# service for every user and for GDM's login screen (packaging/GNOME.md):
+# it masks gsd-smartcard's user unit, enables slotwatch-gnome.service (which
+# then stands in for slotwatch.service too), and puts two autostart entries
+# where GDM 43's greeter, which runs without systemd, looks first.
+# uninstall-gnome undoes exactly that.
+GDMGREETERAUTOSTARTDIR ?= /usr/share/gdm/greeter/autostart
+USERUNITCONFDIR ?= $(SYSCONFDIR)/systemd/user
+GNOME_LINKS = org.gnome.SettingsDaemon.Smartcard.service:/dev/null \
+	slotwatch.service:$(USERUNITDIR)/slotwatch-gnome.service \
+	org.gnome.SettingsDaemon.Smartcard.target.wants/slotwatch-gnome.service:$(USERUNITDIR)/slotwatch-gnome.service
+
+install-gnome: install
+	$(INSTALL) -d "$(DESTDIR)$(GDMGREETERAUTOSTARTDIR)" \
+		"$(DESTDIR)$(USERUNITCONFDIR)/org.gnome.SettingsDaemon.Smartcard.target.wants"
+	sed -e 's|@bindir@|$(BINDIR)|g' packaging/gnome/greeter/slotwatch-gnome.desktop > bin/packaging/slotwatch-gnome.desktop
+	$(INSTALL) -m 0644 bin/packaging/slotwatch-gnome.desktop "$(DESTDIR)$(GDMGREETERAUTOSTARTDIR)/slotwatch-gnome.desktop"
+	$(INSTALL) -m 0644 packaging/gnome/greeter/org.gnome.SettingsDaemon.Smartcard.desktop \
+		"$(DESTDIR)$(GDMGREETERAUTOSTARTDIR)/org.gnome.SettingsDaemon.Smartcard.desktop"
+	@set -e; for l in $(GNOME_LINKS); do \
+		link="$(DESTDIR)$(USERUNITCONFDIR)/$${l%%:*}"; target="$${l#*:}"; \
+		if [ -e "$$link" ] && [ ! -L "$$link" ]; then echo "$$link is not a symlink; leaving it" >&2; exit 1; fi; \
+		echo "ln -sfn $$target $$link"; ln -sfn "$$target" "$$link"; \
+	done
+	@echo "Now restart GDM (systemctl restart gdm3 ends every session) or reboot; users log out and in."
+
+uninstall-gnome:
+	rm -f "$(DESTDIR)$(GDMGREETERAUTOSTARTDIR)/slotwatch-gnome.desktop" \
+		"$(DESTDIR)$(GDMGREETERAUTOSTARTDIR)/org.gnome.SettingsDaemon.Smartcard.desktop"
+	@for l in $(GNOME_LINKS); do \
+		link="$(DESTDIR)$(USERUNITCONFDIR)/$${l%%:*}"; target="$${l#*:}"; \
+		if [ -L "$$link" ] && [ "$$(readlink "$$link")" = "$$target" ]; then echo "rm $$link"; rm -f "$$link"; fi; \
+	done; rmdir "$(DESTDIR)$(USERUNITCONFDIR)/org.gnome.SettingsDaemon.Smartcard.target.wants" 2>/dev/null || true

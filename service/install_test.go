@@ -4,6 +4,7 @@ import (
 	"bufio"
 	"bytes"
 	"context"
+	"maps"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -109,20 +110,125 @@ func TestInstall(t *testing.T) {
 		t.Errorf("a second make install overwrote the edited %s", confPath)
 	}
 
-	t.Run("systemd-analyze", func(t *testing.T) { verifyUnitForInstallTest(t, unitText, bin) })
+	// The GNOME unit: the same service, with --gnome-compat, wired into
+	// GNOME's session in place of gsd-smartcard; enabled only on request.
+	gnomePath := filepath.Join(dest, "usr/lib/systemd/user/slotwatch-gnome.service")
+	gnomeText := readInstalled(t, gnomePath, 0o644)
+	if strings.Contains(gnomeText, "@bindir@") { // its comments name gnome-session@gnome.target
+		t.Errorf("%s still has an @...@ placeholder:\n%s", gnomePath, gnomeText)
+	}
+	gnome := parseIniForInstallTest(t, gnomePath, gnomeText, false)
+	for _, kv := range [][3]string{
+		{"Service", "ExecStart", "/usr/bin/slotwatch serve --gnome-compat=replace"},
+		{"Service", "Type", "notify"},
+		{"Unit", "PartOf", "org.gnome.SettingsDaemon.Smartcard.target"},
+		{"Install", "WantedBy", "org.gnome.SettingsDaemon.Smartcard.target"},
+		{"Install", "Alias", "slotwatch.service"},
+	} {
+		if got := gnome[kv[0]][kv[1]]; !slices.Equal(got, []string{kv[2]}) {
+			t.Errorf("%s: [%s] %s = %q, want %q", gnomePath, kv[0], kv[1], got, kv[2])
+		}
+	}
+	// Apart from how it starts, it is the same service (sandboxing,
+	// watchdog, restarts).
+	plain, gnomeService := maps.Clone(unit["Service"]), maps.Clone(gnome["Service"])
+	for _, k := range []string{"ExecStart", "Slice"} {
+		delete(plain, k)
+		delete(gnomeService, k)
+	}
+	if !reflect.DeepEqual(plain, gnomeService) {
+		t.Errorf("[Service] of %s differs from slotwatch.service's beyond ExecStart and Slice:\n%q\n%q", gnomePath, gnomeService, plain)
+	}
+	if _, err := os.Lstat(filepath.Join(dest, "etc/systemd")); !os.IsNotExist(err) {
+		t.Errorf("make install touched etc/systemd (only install-gnome may): %v", err)
+	}
+
+	t.Run("systemd-analyze", func(t *testing.T) { verifyUnitForInstallTest(t, "slotwatch.service", unitText, bin) })
+	t.Run("systemd-analyze-gnome", func(t *testing.T) { verifyUnitForInstallTest(t, "slotwatch-gnome.service", gnomeText, bin) })
 	t.Run("dbus-daemon", func(t *testing.T) { checkActivatableForInstallTest(t, filepath.Dir(actPath)) })
 }
 
-func runMakeInstall(t *testing.T, root, dest string) {
-	t.Helper()
-	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Minute)
-	defer cancel()
-	cmd := exec.CommandContext(ctx, "make", "--no-print-directory", "-C", root, "install", "DESTDIR="+dest, "PREFIX=/usr")
+// TestInstallGnome: make install-gnome masks gsd-smartcard's user unit,
+// enables slotwatch-gnome.service (also as slotwatch.service) for every
+// user, and puts the greeter's autostart entries in place; running it
+// again works, it refuses to replace a real file, and uninstall-gnome
+// removes exactly what it made.
+func TestInstallGnome(t *testing.T) {
+	if _, err := exec.LookPath("make"); err != nil {
+		t.Skip("make is not installed; cannot test the install-gnome target")
+	}
+	root, err := filepath.Abs("..")
+	if err != nil {
+		t.Fatal(err)
+	}
+	dest := t.TempDir()
+	runMake(t, root, dest, "install-gnome")
+	units := filepath.Join(dest, "etc/systemd/user")
+	links := map[string]string{
+		"org.gnome.SettingsDaemon.Smartcard.service": "/dev/null",
+		"slotwatch.service":                          "/usr/lib/systemd/user/slotwatch-gnome.service",
+		"org.gnome.SettingsDaemon.Smartcard.target.wants/slotwatch-gnome.service": "/usr/lib/systemd/user/slotwatch-gnome.service",
+	}
+	for name, want := range links {
+		if got, err := os.Readlink(filepath.Join(units, name)); err != nil || got != want {
+			t.Errorf("%s -> %q (%v), want -> %s", name, got, err, want)
+		}
+	}
+	autostart := filepath.Join(dest, "usr/share/gdm/greeter/autostart")
+	ours := readInstalled(t, filepath.Join(autostart, "slotwatch-gnome.desktop"), 0o644)
+	if !strings.Contains(ours, "\nExec=/usr/bin/slotwatch serve --gnome-compat=replace\n") {
+		t.Errorf("slotwatch-gnome.desktop does not start slotwatch --gnome-compat:\n%s", ours)
+	}
+	if hidden := readInstalled(t, filepath.Join(autostart, "org.gnome.SettingsDaemon.Smartcard.desktop"), 0o644); !strings.Contains(hidden, "\nHidden=true") {
+		t.Errorf("the greeter's gsd-smartcard entry is not hidden:\n%s", hidden)
+	}
+	runMake(t, root, dest, "install-gnome") // again: fine
+
+	runMake(t, root, dest, "uninstall-gnome")
+	for name := range links {
+		if _, err := os.Lstat(filepath.Join(units, name)); !os.IsNotExist(err) {
+			t.Errorf("uninstall-gnome left %s: %v", name, err)
+		}
+	}
+	for _, f := range []string{"slotwatch-gnome.desktop", "org.gnome.SettingsDaemon.Smartcard.desktop"} {
+		if _, err := os.Lstat(filepath.Join(autostart, f)); !os.IsNotExist(err) {
+			t.Errorf("uninstall-gnome left %s: %v", f, err)
+		}
+	}
+
+	// A unit file the administrator wrote is never replaced by a link.
+	own := filepath.Join(units, "slotwatch.service")
+	if err := os.WriteFile(own, []byte("[Service]\nExecStart=/bin/true\n"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	if out, err := makeCommand(context.Background(), root, dest, "install-gnome").CombinedOutput(); err == nil {
+		t.Errorf("install-gnome over a real %s succeeded:\n%s", own, out)
+	}
+	if fi, err := os.Lstat(own); err != nil || !fi.Mode().IsRegular() {
+		t.Errorf("install-gnome replaced the administrator's %s: %v %v", own, fi, err)
+	}
+}
+
+func runMakeInstall(t *testing.T, root, dest string) { runMake(t, root, dest, "install") }
+
+// makeCommand is "make TARGET" in root, staged under dest with PREFIX=/usr,
+// built with the go that runs this test.
+func makeCommand(ctx context.Context, root, dest, target string) *exec.Cmd {
+	cmd := exec.CommandContext(ctx, "make", "--no-print-directory", "-C", root, target, "DESTDIR="+dest, "PREFIX=/usr")
 	if goBin, err := exec.LookPath("go"); err == nil {
-		cmd.Args = append(cmd.Args, "GO="+goBin) // the go that runs this test
+		cmd.Args = append(cmd.Args, "GO="+goBin)
 	}
 	// A make or go build started by an outer make must not join its jobserver.
 	cmd.Env = append(os.Environ(), "MAKEFLAGS=", "MFLAGS=", "MAKELEVEL=")
+	return cmd
+}
+
+// runMake runs makeCommand and fails t if it fails.
+func runMake(t *testing.T, root, dest, target string) {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Minute)
+	defer cancel()
+	cmd := makeCommand(ctx, root, dest, target)
 	out, err := cmd.CombinedOutput()
 	if err != nil {
 		t.Fatalf("%s: %v\n%s", strings.Join(cmd.Args, " "), err, out)
@@ -188,13 +294,13 @@ func parseIniForInstallTest(t *testing.T, name, text string, strict bool) map[st
 // there outside DESTDIR, so the copy verified runs the staged binary; any
 // complaint about the unit (unknown key, unparsable value, bad ExecStart)
 // fails the test.
-func verifyUnitForInstallTest(t *testing.T, unitText, bin string) {
+func verifyUnitForInstallTest(t *testing.T, name, unitText, bin string) {
 	sa, err := exec.LookPath("systemd-analyze")
 	if err != nil {
 		t.Skip("systemd-analyze is not installed; the unit is not verified")
 	}
 	dir := t.TempDir()
-	unit := filepath.Join(dir, "slotwatch.service")
+	unit := filepath.Join(dir, name)
 	text := strings.Replace(unitText, "ExecStart=/usr/bin/slotwatch ", "ExecStart="+bin+" ", 1)
 	if err := os.WriteFile(unit, []byte(text), 0o644); err != nil {
 		t.Fatal(err)
@@ -212,7 +318,7 @@ func verifyUnitForInstallTest(t *testing.T, unitText, bin string) {
 	err = cmd.Run()
 	var ours []string
 	for _, l := range strings.Split(out.String(), "\n") {
-		if strings.Contains(l, "slotwatch.service") {
+		if strings.Contains(l, name) {
 			ours = append(ours, l)
 		}
 	}
