@@ -163,8 +163,21 @@ func (p *Policy) lock() error {
 		p.log.Debug("locked through "+fdoScreenSaver, "gnome_err", gnomeErr.Error())
 		return nil
 	}
+	if absent(gnomeErr) && absent(fdoErr) {
+		return fmt.Errorf("no screensaver on the bus (neither %s nor %s)", gnomeScreenSaver, fdoScreenSaver)
+	}
 	return fmt.Errorf("neither %s nor %s answered: %s: %v; %s: %v",
 		gnomeScreenSaver, fdoScreenSaver, gnomeScreenSaver, gnomeErr, fdoScreenSaver, fdoErr)
+}
+
+// absent tells whether a call failed because nobody owns the name (and
+// nothing can be activated for it).
+func absent(err error) bool {
+	var e godbus.Error
+	if !errors.As(err, &e) {
+		return false
+	}
+	return e.Name == "org.freedesktop.DBus.Error.ServiceUnknown" || e.Name == "org.freedesktop.DBus.Error.NameHasNoOwner"
 }
 
 // logout ends the session at once.
@@ -231,8 +244,17 @@ func (p *Policy) call(dest string, path godbus.ObjectPath, method string, out []
 	if errors.Is(err, context.DeadlineExceeded) || ctx.Err() == context.DeadlineExceeded {
 		return fmt.Errorf("%s: no answer within %v", method, p.timeout)
 	}
-	return fmt.Errorf("%s: %s", method, describe(err))
+	return &callError{method: method, err: err}
 }
+
+// callError is a failed call; it keeps the D-Bus error for errors.As.
+type callError struct {
+	method string
+	err    error
+}
+
+func (e *callError) Error() string { return e.method + ": " + describe(e.err) }
+func (e *callError) Unwrap() error { return e.err }
 
 // describe renders a D-Bus error with its name.
 func describe(err error) string {
