@@ -455,8 +455,29 @@ func TestGnomeLoginToken(t *testing.T) {
 		}
 		return v
 	}
+	// The native Manager says the same: LoginTokenPresent, and
+	// UsedForLogin on the token.
+	loginPresent := func() bool {
+		t.Helper()
+		v, err := g.conn.Object(busName, rootPath).GetProperty(mgrIface + ".LoginTokenPresent")
+		if err != nil {
+			t.Fatalf("Get LoginTokenPresent: %v", err)
+		}
+		return v.Value().(bool)
+	}
+	usedForLogin := func(label string) bool {
+		t.Helper()
+		v, err := g.conn.Object(busName, findToken(t, g.conn, label)).GetProperty(tokIface + ".UsedForLogin")
+		if err != nil {
+			t.Fatalf("Get UsedForLogin of %q: %v", label, err)
+		}
+		return v.Value().(bool)
+	}
 	if p := loginToken(); p != gnomeLoginToken {
 		t.Fatalf("GetLoginToken with the card out = %s, want the alias", p)
+	}
+	if loginPresent() {
+		t.Fatal("LoginTokenPresent with no card in")
 	}
 	if v := props(gnomeLoginToken); v["Name"].Value() != "Login Card" || v["IsInserted"].Value() != false || v["UsedToLogin"].Value() != true {
 		t.Fatalf("alias properties %v", v)
@@ -471,6 +492,9 @@ func TestGnomeLoginToken(t *testing.T) {
 	if p := loginToken(); p != gnomeLoginToken {
 		t.Fatalf("GetLoginToken with only another card in = %s", p)
 	}
+	if loginPresent() || usedForLogin("Other Card") {
+		t.Fatal("another card counts as the login token")
+	}
 
 	login := vcard.New(pcscd.Addr(0), vcard.Profile{Label: "Login Card", Serial: "10e00001"})
 	t.Cleanup(func() { login.Close() })
@@ -478,6 +502,9 @@ func TestGnomeLoginToken(t *testing.T) {
 		t.Fatal(err)
 	}
 	g.expect(10*time.Second, "inserted Login Card")
+	if !loginPresent() || !usedForLogin("Login Card") {
+		t.Fatalf("with the login card in: LoginTokenPresent %v, its UsedForLogin %v", loginPresent(), usedForLogin("Login Card"))
+	}
 	p := loginToken()
 	if p == gnomeLoginToken || !strings.HasPrefix(string(p), string(gnomeTokens)+"/token_from_") {
 		t.Fatalf("GetLoginToken with the login card in = %s", p)
@@ -492,6 +519,9 @@ func TestGnomeLoginToken(t *testing.T) {
 		t.Fatal(err)
 	}
 	g.expect(5*time.Second, "removed Login Card")
+	if loginPresent() {
+		t.Fatal("LoginTokenPresent after the login card's removal")
+	}
 	if v := props(gnomeLoginToken); v["IsInserted"].Value() != false {
 		t.Fatalf("alias properties with the login card out: %v", v)
 	}
