@@ -11,6 +11,7 @@ import (
 	"os/exec"
 	"path/filepath"
 	"reflect"
+	"slices"
 	"strings"
 	"sync"
 	"testing"
@@ -739,4 +740,28 @@ func TestPolicyGnomeSettings(t *testing.T) {
 			}
 		})
 	}
+}
+
+// TestPolicyReload: Manager.Reload applies a changed removal-action
+// without a restart.
+func TestPolicyReload(t *testing.T) {
+	s := newPolicyStack(t)
+	ss := startDesktopPeer(t, s.bus, gnomeScreenSaverName)
+	other := s.card(1, otherCardProfile)
+	d := s.start("removal-action = none\nremoval-scope = any\n", nil)
+	conf := d.cmd.Args[slices.Index(d.cmd.Args, "--config")+1]
+
+	s.insert(other, otherCardProfile.Label)
+	s.remove(other, otherCardProfile.Label)
+	ss.quiet(0, 500*time.Millisecond, "a removal with removal-action none")
+
+	if err := os.WriteFile(conf, []byte("removal-action = lock-screen\nremoval-scope = any\n"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	if err := s.conn.Object(busName, rootPath).Call(mgrIface+".Reload", 0).Err; err != nil {
+		t.Fatalf("Reload: %v", err)
+	}
+	s.insert(other, otherCardProfile.Label)
+	s.remove(other, otherCardProfile.Label)
+	checkLock(t, ss.waitCalls(1, 5*time.Second, "a removal after Reload to lock-screen")[0], gnomeScreenSaverName, gnomeScreenSaverPath)
 }
