@@ -2,14 +2,13 @@ package policy
 
 import (
 	"os"
-	"os/exec"
-	"path/filepath"
 	"reflect"
 	"strings"
 	"testing"
 	"time"
 
 	"github.com/slotwatch/slotwatch/monitor"
+	"github.com/slotwatch/slotwatch/tests/stack"
 )
 
 // Which removals lock, per scope. Every case runs on one bus with GNOME's
@@ -336,52 +335,11 @@ func TestNotifyOutage(t *testing.T) {
 	}
 }
 
-// gsettingsEnv makes a private GSettings world: schemaXML ("" for none) is
-// compiled into its own schema directory, with the keyfile backend under a
-// temporary XDG_CONFIG_HOME. It returns the environment for gsettings.
+// gsettingsEnv is the whole environment of a gsettings child in a private
+// GSettings world with schemaXML ("" for none).
 func gsettingsEnv(t *testing.T, schemaXML string) []string {
-	t.Helper()
-	for _, tool := range []string{"gsettings", "glib-compile-schemas"} {
-		if _, err := exec.LookPath(tool); err != nil {
-			t.Fatalf("%s is not installed (Debian's libglib2.0-bin): run make deps", tool)
-		}
-	}
-	dir := t.TempDir()
-	schemas := filepath.Join(dir, "schemas")
-	data := filepath.Join(dir, "data") // XDG_DATA_DIRS: keeps the system's schemas out
-	for _, d := range []string{schemas, data} {
-		if err := os.MkdirAll(d, 0o755); err != nil {
-			t.Fatal(err)
-		}
-	}
-	if schemaXML != "" {
-		if err := os.WriteFile(filepath.Join(schemas, "test.gschema.xml"), []byte(schemaXML), 0o644); err != nil {
-			t.Fatal(err)
-		}
-		if out, err := exec.Command("glib-compile-schemas", schemas).CombinedOutput(); err != nil {
-			t.Fatalf("glib-compile-schemas: %v\n%s", err, out)
-		}
-	}
-	return []string{
-		"PATH=" + os.Getenv("PATH"),
-		"HOME=" + dir,
-		"GSETTINGS_SCHEMA_DIR=" + schemas,
-		"GSETTINGS_BACKEND=keyfile",
-		"XDG_CONFIG_HOME=" + filepath.Join(dir, "config"),
-		"XDG_DATA_DIRS=" + data,
-	}
+	return append(os.Environ(), stack.GSettingsForTest(t, schemaXML)...)
 }
-
-// A stand-in for gnome-settings-daemon's smartcard schema: only the key
-// slotwatch reads.
-const smartcardSchema = `<schemalist>
-  <schema id="org.gnome.settings-daemon.peripherals.smartcard" path="/org/gnome/settings-daemon/peripherals/smartcard/">
-    <key name="removal-action" type="s">
-      <default>'none'</default>
-    </key>
-  </schema>
-</schemalist>
-`
 
 // otherSchema is some schema that is not GNOME's smartcard one.
 const otherSchema = `<schemalist>
@@ -394,12 +352,7 @@ const otherSchema = `<schemalist>
 `
 
 func gsettingsSet(t *testing.T, env []string, value string) {
-	t.Helper()
-	cmd := exec.Command("gsettings", "set", gsettingsSchema, gsettingsKey, value)
-	cmd.Env = env
-	if out, err := cmd.CombinedOutput(); err != nil {
-		t.Fatalf("gsettings set %s: %v\n%s", value, err, out)
-	}
+	stack.SetGSetting(t, env, gsettingsSchema, gsettingsKey, value)
 }
 
 func TestGSettings(t *testing.T) {
@@ -413,7 +366,7 @@ func TestGSettings(t *testing.T) {
 	t.Run("the value at each removal applies", func(t *testing.T) {
 		ss.reset()
 		sm.reset()
-		env := gsettingsEnv(t, smartcardSchema)
+		env := gsettingsEnv(t, stack.SmartcardSchema)
 		p, reports, _ := testPolicy(t, conn, cfg)
 		p.env = env
 
@@ -444,7 +397,7 @@ func TestGSettings(t *testing.T) {
 	t.Run("the configured action wins", func(t *testing.T) {
 		ss.reset()
 		sm.reset()
-		env := gsettingsEnv(t, smartcardSchema)
+		env := gsettingsEnv(t, stack.SmartcardSchema)
 		gsettingsSet(t, env, "force-logout")
 		c := cfg
 		c.Action = ActionLockScreen
@@ -458,7 +411,7 @@ func TestGSettings(t *testing.T) {
 
 	t.Run("without GSettings the setting is not read", func(t *testing.T) {
 		ss.reset()
-		env := gsettingsEnv(t, smartcardSchema)
+		env := gsettingsEnv(t, stack.SmartcardSchema)
 		gsettingsSet(t, env, "lock-screen")
 		c := cfg
 		c.GSettings = false
@@ -473,13 +426,13 @@ func TestGSettings(t *testing.T) {
 	for _, tc := range []struct{ name, schema, gsettings string }{
 		{"schema missing", otherSchema, ""},
 		{"no schemas at all", "", ""},
-		{"gsettings missing", smartcardSchema, "slotwatch-test-no-such-gsettings"},
-		{"gsettings missing (absolute path)", smartcardSchema, "/nonexistent/gsettings"},
+		{"gsettings missing", stack.SmartcardSchema, "slotwatch-test-no-such-gsettings"},
+		{"gsettings missing (absolute path)", stack.SmartcardSchema, "/nonexistent/gsettings"},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			ss.reset()
 			env := gsettingsEnv(t, tc.schema)
-			if tc.schema == smartcardSchema {
+			if tc.schema == stack.SmartcardSchema {
 				gsettingsSet(t, env, "lock-screen")
 			}
 			p, reports, logs := testPolicy(t, conn, cfg)
@@ -501,7 +454,7 @@ func TestGSettings(t *testing.T) {
 
 	t.Run("an unknown value is reported", func(t *testing.T) {
 		ss.reset()
-		env := gsettingsEnv(t, smartcardSchema)
+		env := gsettingsEnv(t, stack.SmartcardSchema)
 		gsettingsSet(t, env, "'lock'")
 		p, reports, _ := testPolicy(t, conn, cfg)
 		p.env = env

@@ -8,7 +8,6 @@ package tests
 import (
 	"fmt"
 	"os"
-	"os/exec"
 	"path/filepath"
 	"reflect"
 	"slices"
@@ -650,57 +649,6 @@ func TestPolicyNotify(t *testing.T) {
 	}
 }
 
-// smartcardSchemaXML stands in for gnome-settings-daemon's smartcard
-// schema: only the key slotwatch reads.
-const smartcardSchemaXML = `<schemalist>
-  <schema id="org.gnome.settings-daemon.peripherals.smartcard" path="/org/gnome/settings-daemon/peripherals/smartcard/">
-    <key name="removal-action" type="s">
-      <default>'none'</default>
-    </key>
-  </schema>
-</schemalist>
-`
-
-// gsettingsWorld makes a private GSettings world (the schema above, the
-// keyfile backend, no system schemas) and returns its environment
-// entries, to append to this process's.
-func gsettingsWorld(t *testing.T) []string {
-	t.Helper()
-	for _, tool := range []string{"gsettings", "glib-compile-schemas"} {
-		if _, err := exec.LookPath(tool); err != nil {
-			t.Fatalf("%s is not installed (Debian's libglib2.0-bin): run make deps", tool)
-		}
-	}
-	dir := t.TempDir()
-	schemas, data := filepath.Join(dir, "schemas"), filepath.Join(dir, "data")
-	for _, d := range []string{schemas, data} {
-		if err := os.MkdirAll(d, 0o755); err != nil {
-			t.Fatal(err)
-		}
-	}
-	if err := os.WriteFile(filepath.Join(schemas, "test.gschema.xml"), []byte(smartcardSchemaXML), 0o644); err != nil {
-		t.Fatal(err)
-	}
-	if out, err := exec.Command("glib-compile-schemas", schemas).CombinedOutput(); err != nil {
-		t.Fatalf("glib-compile-schemas: %v\n%s", err, out)
-	}
-	return []string{
-		"GSETTINGS_SCHEMA_DIR=" + schemas,
-		"GSETTINGS_BACKEND=keyfile",
-		"XDG_CONFIG_HOME=" + filepath.Join(dir, "config"),
-		"XDG_DATA_DIRS=" + data,
-	}
-}
-
-func gsettingsSetRemovalAction(t *testing.T, env []string, value string) {
-	t.Helper()
-	cmd := exec.Command("gsettings", "set", "org.gnome.settings-daemon.peripherals.smartcard", "removal-action", value)
-	cmd.Env = append(os.Environ(), env...)
-	if out, err := cmd.CombinedOutput(); err != nil {
-		t.Fatalf("gsettings set removal-action %s: %v\n%s", value, err, out)
-	}
-}
-
 // TestPolicyGnomeSettings: with --gnome-compat and no removal-action in the
 // config, GNOME's removal-action setting decides, read at each removal:
 // lock-screen locks on the login token's removal. A removal-action line in
@@ -718,8 +666,8 @@ func TestPolicyGnomeSettings(t *testing.T) {
 		{"without gnome-compat", "removal-scope = login-token\n", false, 0},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
-			gs := gsettingsWorld(t)
-			gsettingsSetRemovalAction(t, gs, "lock-screen")
+			gs := stack.GSettingsForTest(t, stack.SmartcardSchema)
+			stack.SetGSetting(t, gs, "org.gnome.settings-daemon.peripherals.smartcard", "removal-action", "lock-screen")
 			s := newPolicyStack(t)
 			ss := startDesktopPeer(t, s.bus, gnomeScreenSaverName)
 			login := s.card(0, loginCardProfile)
