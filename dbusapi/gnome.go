@@ -172,14 +172,14 @@ func (g *gnome) apply(ev monitor.Event) {
 		// The module's tokens were removed first. Like GNOME, the driver
 		// and token objects stay.
 		g.mu.Lock()
-		var paths []monitor.SlotKey
+		var slots []monitor.SlotKey
 		for _, t := range g.tokens {
 			if t.slot.Module == ev.Module.Name && t.inserted {
-				paths = append(paths, t.slot)
+				slots = append(slots, t.slot)
 			}
 		}
 		g.mu.Unlock()
-		for _, k := range paths {
+		for _, k := range slots {
 			g.removed(k)
 		}
 	}
@@ -201,8 +201,9 @@ func (g *gnome) driver(m *monitor.ModuleView) godbus.ObjectPath {
 	return p
 }
 
-// library is the file of the module named name in snap.
-func library(snap *monitor.Snapshot, name string) *monitor.ModuleView {
+// moduleView is the module named name in snap (its file is what GNOME's
+// paths are made of).
+func moduleView(snap *monitor.Snapshot, name string) *monitor.ModuleView {
 	for i := range snap.Modules {
 		if snap.Modules[i].Name == name {
 			return &snap.Modules[i]
@@ -215,7 +216,7 @@ func library(snap *monitor.Snapshot, name string) *monitor.ModuleView {
 // first one (IsInserted false, as GNOME does), then the token's Name,
 // Driver and UsedToLogin, then IsInserted true.
 func (g *gnome) inserted(t *monitor.Token, snap *monitor.Snapshot) {
-	m := library(snap, t.Slot.Module)
+	m := moduleView(snap, t.Slot.Module)
 	driver := g.driver(m)
 	p := gnomeTokenPath(m.Path, t.Slot.ID)
 	login := g.loginName != "" && t.Label == g.loginName
@@ -243,7 +244,7 @@ func (g *gnome) inserted(t *monitor.Token, snap *monitor.Snapshot) {
 	g.objs.set(p, GnomeTokenInterface, map[string]any{"Name": t.Label, "Driver": driver, "UsedToLogin": login})
 	g.mu.Lock()
 	tok.slot, tok.inserted, tok.login = t.Slot, true, login
-	followAlias := login && g.loginName != "" && g.aliasFor == ""
+	followAlias := login && g.aliasFor == ""
 	if followAlias {
 		g.aliasFor = p
 	}

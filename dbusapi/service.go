@@ -146,10 +146,9 @@ func (s *Service) Start() error {
 	}
 	if reply != godbus.RequestNameReplyPrimaryOwner {
 		sub.Close()
-		owner := "another connection"
-		var o string
-		if s.conn.BusObject().Call("org.freedesktop.DBus.GetNameOwner", 0, BusName).Store(&o) == nil {
-			owner = o
+		owner := s.nameOwner(BusName)
+		if owner == "" {
+			owner = "another connection"
 		}
 		return fmt.Errorf("%s is already owned by %s: is another slotwatch running?", BusName, owner)
 	}
