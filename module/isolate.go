@@ -4,6 +4,7 @@ import (
 	"errors"
 	"fmt"
 	"os"
+	"path/filepath"
 	"strings"
 	"sync"
 	"unsafe"
@@ -30,10 +31,12 @@ import (
 // ErrFunctionNotSupported, so the monitor polls it); a PC/SC-backed one is
 // still re-read at once on every reader event.
 
-// P11KitClient and P11KitRemote are where Debian installs p11-kit's client
-// module and command.
+// P11KitClient and P11KitRemote are p11-kit's client module and command:
+// the client module in p11-kit's module directory for this machine's
+// architecture (P11KitModuleDir; /usr/lib/x86_64-linux-gnu/pkcs11 on
+// Debian amd64).
 var (
-	P11KitClient = "/usr/lib/x86_64-linux-gnu/pkcs11/p11-kit-client.so"
+	P11KitClient = filepath.Join(P11KitModuleDir(), "p11-kit-client.so")
 	P11KitRemote = "/usr/bin/p11-kit"
 )
 

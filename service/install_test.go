@@ -16,6 +16,7 @@ import (
 
 	godbus "github.com/godbus/dbus/v5"
 
+	"github.com/slotwatch/slotwatch/config"
 	"github.com/slotwatch/slotwatch/tests/stack"
 )
 
@@ -93,11 +94,32 @@ func TestInstall(t *testing.T) {
 	if confText != readFileForInstallTest(t, filepath.Join(root, "packaging/slotwatch.conf")) {
 		t.Errorf("%s differs from packaging/slotwatch.conf", confPath)
 	}
-	cfg, err := ParseConfig(strings.NewReader(confText), confPath)
+	cfg, err := config.Parse(strings.NewReader(confText), confPath)
 	if err != nil {
 		t.Errorf("installed config: %v", err)
-	} else if d := DefaultConfig(); cfg.RemovalAction != d.RemovalAction || !reflect.DeepEqual(cfg.RemovalScope, d.RemovalScope) || cfg.Notify != d.Notify || len(cfg.Modules) != 0 {
-		t.Errorf("installed config = %+v, want the defaults", cfg)
+	} else if d := config.Default(); cfg.RemovalAction != d.RemovalAction || cfg.RemovalActionSet || !reflect.DeepEqual(cfg.RemovalScope, d.RemovalScope) || cfg.Notify != d.Notify || cfg.Limits != d.Limits || len(cfg.Modules) != 0 {
+		t.Errorf("installed config = %+v, want the defaults %+v", cfg, d)
+	}
+	// Every top-level setting is documented there, commented out, with
+	// its default; uncommented, those lines mean the built-in defaults.
+	documented := []string{
+		"removal-action = none",
+		"removal-scope = login-token",
+		"notify = false",
+		"max-sessions-per-token = 16",
+		"max-concurrent-calls = 8",
+		"max-find-results = 1000",
+		"token-wait = 5",
+	}
+	for _, line := range documented {
+		if !strings.Contains(confText, "\n#"+line+"\n") {
+			t.Errorf("%s does not document the default \"#%s\"", confPath, line)
+		}
+	}
+	if cfg, err := config.Parse(strings.NewReader(strings.Join(documented, "\n")), "documented defaults"); err != nil {
+		t.Errorf("the documented defaults do not parse: %v", err)
+	} else if d := config.Default(); cfg.RemovalAction != d.RemovalAction || !reflect.DeepEqual(cfg.RemovalScope, d.RemovalScope) || cfg.Notify != d.Notify || cfg.Limits != d.Limits {
+		t.Errorf("the documented defaults = %+v, want the built-in ones %+v", cfg, d)
 	}
 
 	// Installing again keeps an edited config.

@@ -15,6 +15,7 @@ import (
 	"github.com/coreos/go-systemd/v22/daemon"
 	godbus "github.com/godbus/dbus/v5"
 
+	"github.com/slotwatch/slotwatch/config"
 	"github.com/slotwatch/slotwatch/dbusapi"
 	"github.com/slotwatch/slotwatch/module"
 	"github.com/slotwatch/slotwatch/monitor"
@@ -48,7 +49,7 @@ func runServe(args []string) error {
 		return err
 	}
 
-	cfg, mods, warnings, err := ResolveModules(modules, *configPath)
+	cfg, mods, warnings, err := config.ResolveModules(modules, *configPath)
 	if err != nil {
 		return err
 	}
@@ -59,13 +60,13 @@ func runServe(args []string) error {
 		logger.Warn("no PKCS#11 module to watch: none given with --module, none in the config file or the p11-kit registry")
 	}
 	loaded := map[string]*module.Module{} // by path, so a reload keeps what it can
-	open := func(mods []ModuleConfig) (map[string]*module.Module, []monitor.Module) {
+	open := func(mods []config.Module) (map[string]*module.Module, []monitor.Module) {
 		byName := map[string]*module.Module{}
 		var watched []monitor.Module
 		for _, mc := range mods {
 			m, ok := loaded[mc.Path]
 			if !ok || m.Name() != mc.Name {
-				isolate := mc.Isolate || (*isolateFlag && mc.From == ModuleFromFlag)
+				isolate := mc.Isolate || (*isolateFlag && mc.From == config.FromFlag)
 				opts := module.Options{Name: mc.Name, Isolate: isolate}
 				if *logCalls {
 					opts.CallLog = logger.With("module", mc.Name)
@@ -101,7 +102,7 @@ func runServe(args []string) error {
 		LoginTokenName: os.Getenv("PKCS11_LOGIN_TOKEN_NAME"),
 		Gnome:          gnome.mode,
 		Reload: func() (map[string]*module.Module, *monitor.Snapshot, error) {
-			cfg, mods, warnings, err := ResolveModules(modules, *configPath)
+			cfg, mods, warnings, err := config.ResolveModules(modules, *configPath)
 			if err != nil {
 				logger.Error("reload: keeping the current configuration", "err", err)
 				return nil, nil, err
@@ -264,9 +265,9 @@ func (f *gnomeFlag) Set(v string) error {
 // removalPolicy is the policy.Config of the config file. With
 // --gnome-compat and no removal-action line, GNOME's own setting decides,
 // as it does for gsd-smartcard.
-func removalPolicy(cfg *Config, gnome dbusapi.GnomeMode, logger *slog.Logger, report func(string)) policy.Config {
+func removalPolicy(cfg *config.Config, gnome dbusapi.GnomeMode, logger *slog.Logger, report func(string)) policy.Config {
 	if cfg == nil {
-		cfg = DefaultConfig()
+		cfg = config.Default()
 	}
 	pc := policy.Config{
 		Action:         cfg.RemovalAction,

@@ -1,4 +1,4 @@
-package main
+package config
 
 import (
 	"errors"
@@ -8,13 +8,14 @@ import (
 	"reflect"
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/slotwatch/slotwatch/policy"
 )
 
-func TestConfigParseGood(t *testing.T) {
+func TestParseGood(t *testing.T) {
 	def := func(edit func(c *Config)) *Config {
-		c := DefaultConfig()
+		c := Default()
 		c.Source = "slotwatch.conf"
 		if edit != nil {
 			edit(c)
@@ -37,7 +38,7 @@ path = /usr/lib/x86_64-linux-gnu/pkcs11/opensc-pkcs11.so
 isolate = false                  # true: load through p11-kit remote (crash isolation)
 `, def(func(c *Config) {
 			c.RemovalActionSet = true // "removal-action = none" is a choice, unlike no line
-			c.Modules = []ModuleConfig{{Name: "opensc", Path: "/usr/lib/x86_64-linux-gnu/pkcs11/opensc-pkcs11.so", From: ModuleFromConfig, Source: "slotwatch.conf:5"}}
+			c.Modules = []Module{{Name: "opensc", Path: "/usr/lib/x86_64-linux-gnu/pkcs11/opensc-pkcs11.so", From: FromFile, Source: "slotwatch.conf:5"}}
 		})},
 		{"every value set", `removal-action=force-logout
 removal-scope = any
@@ -64,36 +65,55 @@ notify = true
 		})},
 		{"two modules, isolate, cleaned path, CRLF, BOM", "\ufeffnotify = true\r\n[module a]\r\npath = /opt//a/../a/liba.so\r\n[ module  b_2-x ]\r\nisolate = true\r\npath=/opt/b.so\r\n", def(func(c *Config) {
 			c.Notify = true
-			c.Modules = []ModuleConfig{
-				{Name: "a", Path: "/opt/a/liba.so", From: ModuleFromConfig, Source: "slotwatch.conf:2"},
-				{Name: "b_2-x", Path: "/opt/b.so", Isolate: true, From: ModuleFromConfig, Source: "slotwatch.conf:4"},
+			c.Modules = []Module{
+				{Name: "a", Path: "/opt/a/liba.so", From: FromFile, Source: "slotwatch.conf:2"},
+				{Name: "b_2-x", Path: "/opt/b.so", Isolate: true, From: FromFile, Source: "slotwatch.conf:4"},
 			}
 		})},
+		{"limits", `max-sessions-per-token = 1024
+max-concurrent-calls = 1   # one at a time
+max-find-results=100000
+token-wait = 0.25
+`, def(func(c *Config) {
+			c.Limits = Limits{SessionsPerToken: 1024, ConcurrentCalls: 1, FindResults: 100000, TokenWait: 250 * time.Millisecond}
+		})},
+		{"limits at their other ends", "max-sessions-per-token = 1\nmax-concurrent-calls = 256\nmax-find-results = 1\ntoken-wait = 60\n", def(func(c *Config) {
+			c.Limits = Limits{SessionsPerToken: 1, ConcurrentCalls: 256, FindResults: 1, TokenWait: time.Minute}
+		})},
+		{"one limit keeps the others' defaults", "max-find-results = 0050\n", def(func(c *Config) {
+			c.Limits.FindResults = 50
+		})},
+		{"token-wait: whole seconds, fractions, nanoseconds", "token-wait = 1.000000001\n", def(func(c *Config) {
+			c.Limits.TokenWait = time.Second + time.Nanosecond
+		})},
+		{"token-wait: digits beyond nanoseconds are dropped", "token-wait = 60.0000000009\n", def(func(c *Config) {
+			c.Limits.TokenWait = time.Minute
+		})},
 		{"hash inside a value is not a comment", "[module a]\npath = /opt/a#1/a.so # but this is\n", def(func(c *Config) {
-			c.Modules = []ModuleConfig{{Name: "a", Path: "/opt/a#1/a.so", From: ModuleFromConfig, Source: "slotwatch.conf:1"}}
+			c.Modules = []Module{{Name: "a", Path: "/opt/a#1/a.so", From: FromFile, Source: "slotwatch.conf:1"}}
 		})},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
-			got, err := ParseConfig(strings.NewReader(tt.in), "slotwatch.conf")
+			got, err := Parse(strings.NewReader(tt.in), "slotwatch.conf")
 			if err != nil {
-				t.Fatalf("ParseConfig: %v", err)
+				t.Fatalf("Parse: %v", err)
 			}
 			if !reflect.DeepEqual(got, tt.want) {
-				t.Errorf("ParseConfig =\n%+v\nwant\n%+v", got, tt.want)
+				t.Errorf("Parse =\n%+v\nwant\n%+v", got, tt.want)
 			}
 		})
 	}
 }
 
-func TestConfigParseBad(t *testing.T) {
+func TestParseBad(t *testing.T) {
 	tests := []struct {
 		name string
 		in   string
 		line int
 		msg  string // a substring of the message
 	}{
-		{"unknown key", "notify = true\n\n# x\nfoo = bar\n", 4, `unknown key "foo" (known: removal-action, removal-scope, notify)`},
+		{"unknown key", "notify = true\n\n# x\nfoo = bar\n", 4, `unknown key "foo" (known: removal-action, removal-scope, notify, max-sessions-per-token, max-concurrent-calls, max-find-results, token-wait)`},
 		{"unknown module key", "[module a]\npath = /a.so\nlibrary = /b.so\n", 3, `unknown key "library" in [module a] (known: path, isolate)`},
 		{"top-level key in a section", "[module a]\npath = /a.so\nnotify = true\n", 3, `key "notify" is not a module key; top-level keys go before the first [module] section`},
 		{"no equals sign", "notify true\n", 1, `expected "key = value", "[module NAME]" or a comment, got "notify true"`},
@@ -124,16 +144,48 @@ func TestConfigParseBad(t *testing.T) {
 		{"bad module name", "[module open.sc]\n", 1, `invalid module name "open.sc": use only letters, digits, "-" and "_"`},
 		{"module name with slash", "[module a/b]\n", 1, `invalid module name "a/b"`},
 		{"line too long", "notify = true\n" + strings.Repeat("x", 70000) + "\n", 2, "line too long"},
+		{"sessions per token 0", "max-sessions-per-token = 0\n", 1, `max-sessions-per-token = 0 is out of range (want a whole number from 1 to 1024)`},
+		{"sessions per token 1025", "notify = true\nmax-sessions-per-token = 1025\n", 2, `max-sessions-per-token = 1025 is out of range (want a whole number from 1 to 1024)`},
+		{"sessions per token garbage", "max-sessions-per-token = lots\n", 1, `bad value "lots" for max-sessions-per-token (want a whole number from 1 to 1024)`},
+		{"sessions per token negative", "max-sessions-per-token = -1\n", 1, `bad value "-1" for max-sessions-per-token`},
+		{"sessions per token with a sign", "max-sessions-per-token = +4\n", 1, `bad value "+4" for max-sessions-per-token`},
+		{"sessions per token empty", "max-sessions-per-token =\n", 1, `bad value "" for max-sessions-per-token`},
+		{"sessions per token huge", "max-sessions-per-token = 99999999999999999999999\n", 1, `max-sessions-per-token = 99999999999999999999999 is out of range`},
+		{"concurrent calls 0", "max-concurrent-calls = 0\n", 1, `max-concurrent-calls = 0 is out of range (want a whole number from 1 to 256)`},
+		{"concurrent calls 257", "max-concurrent-calls = 257\n", 1, `max-concurrent-calls = 257 is out of range (want a whole number from 1 to 256)`},
+		{"concurrent calls decimal", "max-concurrent-calls = 2.5\n", 1, `bad value "2.5" for max-concurrent-calls (want a whole number from 1 to 256)`},
+		{"concurrent calls two numbers", "max-concurrent-calls = 2 3\n", 1, `bad value "2 3" for max-concurrent-calls`},
+		{"find results 0", "max-find-results = 0\n", 1, `max-find-results = 0 is out of range (want a whole number from 1 to 100000)`},
+		{"find results 100001", "max-find-results = 100001\n", 1, `max-find-results = 100001 is out of range (want a whole number from 1 to 100000)`},
+		{"find results hex", "max-find-results = 0x10\n", 1, `bad value "0x10" for max-find-results`},
+		{"find results with a thousands separator", "max-find-results = 1_000\n", 1, `bad value "1_000" for max-find-results`},
+		{"token-wait 0", "token-wait = 0\n", 1, `token-wait = 0 is out of range (want seconds, more than 0 and at most 60)`},
+		{"token-wait 0.0", "token-wait = 0.0\n", 1, `token-wait = 0.0 is out of range`},
+		{"token-wait below a nanosecond", "token-wait = 0.0000000001\n", 1, `token-wait = 0.0000000001 is out of range`},
+		{"token-wait 60.5", "token-wait = 60.5\n", 1, `token-wait = 60.5 is out of range`},
+		{"token-wait 61", "token-wait = 61\n", 1, `token-wait = 61 is out of range`},
+		{"token-wait huge", "token-wait = 100000000000000000000\n", 1, `token-wait = 100000000000000000000 is out of range`},
+		{"token-wait with a unit", "token-wait = 5s\n", 1, `bad value "5s" for token-wait (want seconds such as 5 or 0.5, more than 0 and at most 60)`},
+		{"token-wait negative", "token-wait = -1\n", 1, `bad value "-1" for token-wait`},
+		{"token-wait leading dot", "token-wait = .5\n", 1, `bad value ".5" for token-wait`},
+		{"token-wait trailing dot", "token-wait = 5.\n", 1, `bad value "5." for token-wait`},
+		{"token-wait exponent", "token-wait = 1e1\n", 1, `bad value "1e1" for token-wait`},
+		{"token-wait NaN", "token-wait = NaN\n", 1, `bad value "NaN" for token-wait`},
+		{"token-wait Inf", "token-wait = Inf\n", 1, `bad value "Inf" for token-wait`},
+		{"token-wait comma", "token-wait = 0,5\n", 1, `bad value "0,5" for token-wait`},
+		{"token-wait empty", "token-wait =\n", 1, `bad value "" for token-wait`},
+		{"duplicate limit", "token-wait = 1\ntoken-wait = 2\n", 2, `duplicate key "token-wait" (first set on line 1)`},
+		{"limit in a module section", "[module a]\npath = /a.so\nmax-find-results = 5\n", 3, `key "max-find-results" is not a module key`},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
-			cfg, err := ParseConfig(strings.NewReader(tt.in), "slotwatch.conf")
+			cfg, err := Parse(strings.NewReader(tt.in), "slotwatch.conf")
 			if err == nil {
-				t.Fatalf("ParseConfig = %+v, want an error", cfg)
+				t.Fatalf("Parse = %+v, want an error", cfg)
 			}
-			var ce *ConfigError
+			var ce *Error
 			if !errors.As(err, &ce) {
-				t.Fatalf("error %v (%T) is not a *ConfigError", err, err)
+				t.Fatalf("error %v (%T) is not a *Error", err, err)
 			}
 			if ce.File != "slotwatch.conf" || ce.Line != tt.line {
 				t.Errorf("error at %s:%d, want slotwatch.conf:%d: %v", ce.File, ce.Line, tt.line, err)
@@ -151,7 +203,7 @@ func TestConfigParseBad(t *testing.T) {
 
 // parseRemovalScope and policy.Scope.String are inverses (Covers is
 // tested in package policy).
-func TestConfigRemovalScope(t *testing.T) {
+func TestRemovalScope(t *testing.T) {
 	tests := []struct {
 		in   string
 		want policy.Scope
@@ -184,7 +236,7 @@ func writeConfigFile(t *testing.T, path, content string) {
 	}
 }
 
-func TestConfigLoad(t *testing.T) {
+func TestLoad(t *testing.T) {
 	dir := t.TempDir()
 	xdg := filepath.Join(dir, "xdg")
 	home := filepath.Join(dir, "home")
@@ -196,89 +248,99 @@ func TestConfigLoad(t *testing.T) {
 	t.Setenv("XDG_CONFIG_HOME", xdg)
 
 	userFile := filepath.Join(xdg, "slotwatch", "slotwatch.conf")
-	if got, want := ConfigSearchPath(), []string{userFile, system}; !reflect.DeepEqual(got, want) {
-		t.Fatalf("ConfigSearchPath = %q, want %q", got, want)
+	if got, want := SearchPath(), []string{userFile, system}; !reflect.DeepEqual(got, want) {
+		t.Fatalf("SearchPath = %q, want %q", got, want)
 	}
 
 	// Neither file: the defaults.
-	cfg, err := LoadConfig("")
+	cfg, err := Load("")
 	if err != nil {
-		t.Fatalf("LoadConfig with no files: %v", err)
+		t.Fatalf("Load with no files: %v", err)
 	}
-	if want := DefaultConfig(); !reflect.DeepEqual(cfg, want) || cfg.Source != "" {
-		t.Errorf("LoadConfig with no files = %+v, want the defaults %+v", cfg, want)
+	if want := Default(); !reflect.DeepEqual(cfg, want) || cfg.Source != "" {
+		t.Errorf("Load with no files = %+v, want the defaults %+v", cfg, want)
 	}
 
 	// Only the system file.
 	writeConfigFile(t, system, "removal-action = lock-screen\n")
-	cfg, err = LoadConfig("")
+	cfg, err = Load("")
 	if err != nil || cfg.RemovalAction != policy.ActionLockScreen || !cfg.RemovalActionSet || cfg.Source != system {
-		t.Errorf("LoadConfig with a system file = %+v, %v; want lock-screen from %s", cfg, err, system)
+		t.Errorf("Load with a system file = %+v, %v; want lock-screen from %s", cfg, err, system)
 	}
 
 	// The user's file wins, whole (no merging with the system file).
 	writeConfigFile(t, userFile, "notify = true\n")
-	cfg, err = LoadConfig("")
+	cfg, err = Load("")
 	if err != nil || !cfg.Notify || cfg.RemovalAction != policy.ActionNone || cfg.RemovalActionSet || cfg.Source != userFile {
-		t.Errorf("LoadConfig with a user file = %+v, %v; want notify and no removal action from %s", cfg, err, userFile)
+		t.Errorf("Load with a user file = %+v, %v; want notify and no removal action from %s", cfg, err, userFile)
 	}
 
 	// A relative XDG_CONFIG_HOME is ignored: ~/.config.
 	t.Setenv("XDG_CONFIG_HOME", "relative/dir")
 	homeFile := filepath.Join(home, ".config", "slotwatch", "slotwatch.conf")
-	if got := ConfigSearchPath()[0]; got != homeFile {
-		t.Errorf("with a relative XDG_CONFIG_HOME, ConfigSearchPath()[0] = %q, want %q", got, homeFile)
+	if got := SearchPath()[0]; got != homeFile {
+		t.Errorf("with a relative XDG_CONFIG_HOME, SearchPath()[0] = %q, want %q", got, homeFile)
 	}
 	writeConfigFile(t, homeFile, "removal-scope = any\n")
-	cfg, err = LoadConfig("")
+	cfg, err = Load("")
 	if err != nil || cfg.RemovalScope.Kind != policy.ScopeAny || cfg.Source != homeFile {
-		t.Errorf("LoadConfig from ~/.config = %+v, %v", cfg, err)
+		t.Errorf("Load from ~/.config = %+v, %v", cfg, err)
 	}
 
 	// A broken file found by the search is an error naming it and the line,
 	// not a silent fall-through to the next one.
 	writeConfigFile(t, homeFile, "notify = true\nbogus = 1\n")
-	_, err = LoadConfig("")
+	_, err = Load("")
 	if err == nil || !strings.HasPrefix(err.Error(), homeFile+":2: ") {
-		t.Errorf("LoadConfig with a broken user file: %v, want an error at %s:2", err, homeFile)
+		t.Errorf("Load with a broken user file: %v, want an error at %s:2", err, homeFile)
 	}
 
 	// An explicit path.
 	explicit := filepath.Join(dir, "explicit.conf")
 	writeConfigFile(t, explicit, "[module x]\npath = /x.so\n")
-	cfg, err = LoadConfig(explicit)
+	cfg, err = Load(explicit)
 	if err != nil || len(cfg.Modules) != 1 || cfg.Source != explicit {
-		t.Errorf("LoadConfig(%s) = %+v, %v", explicit, cfg, err)
+		t.Errorf("Load(%s) = %+v, %v", explicit, cfg, err)
 	}
 
 	// An explicit path that is missing is an error, even though the
 	// search path has files.
 	missing := filepath.Join(dir, "missing.conf")
-	_, err = LoadConfig(missing)
+	_, err = Load(missing)
 	if err == nil || !errors.Is(err, os.ErrNotExist) || !strings.Contains(err.Error(), missing) {
-		t.Errorf("LoadConfig(missing) = %v, want a not-exist error naming %s", err, missing)
+		t.Errorf("Load(missing) = %v, want a not-exist error naming %s", err, missing)
 	}
 
 	// A directory is not a config file.
-	_, err = LoadConfig(dir)
+	_, err = Load(dir)
 	if err == nil || !strings.Contains(err.Error(), "is a directory") {
-		t.Errorf("LoadConfig(dir) = %v, want an error", err)
+		t.Errorf("Load(dir) = %v, want an error", err)
+	}
+}
+
+func TestDefaultLimits(t *testing.T) {
+	want := Limits{SessionsPerToken: 16, ConcurrentCalls: 8, FindResults: 1000, TokenWait: 5 * time.Second}
+	if got := DefaultLimits(); got != want {
+		t.Errorf("DefaultLimits() = %+v, want %+v", got, want)
+	}
+	if got := Default().Limits; got != want {
+		t.Errorf("Default().Limits = %+v, want %+v", got, want)
 	}
 }
 
 // The installed default config must parse to exactly the built-in defaults.
-func TestConfigPackagedDefault(t *testing.T) {
+func TestPackagedDefault(t *testing.T) {
 	path := filepath.Join("..", "packaging", "slotwatch.conf")
 	f, err := os.Open(path)
 	if err != nil {
 		t.Fatal(err)
 	}
 	defer f.Close()
-	cfg, err := ParseConfig(f, path)
+	cfg, err := Parse(f, path)
 	if err != nil {
 		t.Fatalf("the packaged config does not parse: %v", err)
 	}
-	want := DefaultConfig()
+	want := Default()
 	want.Source = path
 	if !reflect.DeepEqual(cfg, want) {
 		t.Errorf("packaged config = %+v, want the defaults %+v", cfg, want)

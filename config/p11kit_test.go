@@ -1,14 +1,16 @@
-package main
+package config
 
 import (
 	"errors"
 	"os"
 	"path/filepath"
 	"reflect"
+	"runtime"
 	"slices"
 	"strings"
 	"testing"
 
+	"github.com/slotwatch/slotwatch/module"
 	"github.com/slotwatch/slotwatch/policy"
 )
 
@@ -37,6 +39,8 @@ x-init-reserved:
 		{"white space, later key wins, hash in value", "  module :  /a.so  \n\tcritical:yes\nmodule: /b#c.so\n",
 			map[string]string{"module": "/b#c.so", "critical": "yes"}},
 		{"colon in value", "remote: |ssh host p11-kit remote /a.so\n", map[string]string{"remote": "|ssh host p11-kit remote /a.so"}},
+		{"a trailing comment is part of the value", "priority: 10 # note\ncritical: yes # required\n",
+			map[string]string{"priority": "10 # note", "critical": "yes # required"}},
 	}
 	for _, tt := range good {
 		t.Run(tt.name, func(t *testing.T) {
@@ -44,8 +48,8 @@ x-init-reserved:
 			if err != nil {
 				t.Fatalf("parse: %v", err)
 			}
-			if !reflect.DeepEqual(got, tt.want) {
-				t.Errorf("parse = %q, want %q", got, tt.want)
+			if !reflect.DeepEqual(got.values, tt.want) {
+				t.Errorf("parse = %q, want %q", got.values, tt.want)
 			}
 		})
 	}
@@ -61,14 +65,15 @@ x-init-reserved:
 		{"pem", "\n\n-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n", 3, "unexpected PEM block"},
 		{"empty key", "module: a.so\n: x\n", 2, `missing key before ":"`},
 		{"trailing comment is not one", "module: a.so\nfoo # bar\n", 2, `expected "key: value"`},
+		{"equals sign, as in slotwatch.conf", "module: a.so\npriority = 10 # note\n", 2, `expected "key: value", got "priority = 10 # note"`},
 	}
 	for _, tt := range bad {
 		t.Run(tt.name, func(t *testing.T) {
 			got, err := parseP11KitModuleFile(strings.NewReader(tt.in), "x.module")
 			if err == nil {
-				t.Fatalf("parse = %q, want an error", got)
+				t.Fatalf("parse = %q, want an error", got.values)
 			}
-			var ce *ConfigError
+			var ce *Error
 			if !errors.As(err, &ce) || ce.File != "x.module" || ce.Line != tt.line {
 				t.Errorf("error %v is not at x.module:%d", err, tt.line)
 			}
@@ -150,7 +155,7 @@ func (f *p11Fixture) file(dir, name, content string) string {
 	return p
 }
 
-func (f *p11Fixture) load() ([]ModuleConfig, []string) {
+func (f *p11Fixture) load() ([]Module, []string) {
 	f.t.Helper()
 	mods, warnings, err := P11KitModules(f.dirs, f.libDir)
 	if err != nil {
@@ -159,7 +164,7 @@ func (f *p11Fixture) load() ([]ModuleConfig, []string) {
 	return mods, warnings
 }
 
-func moduleNames(mods []ModuleConfig) []string {
+func moduleNames(mods []Module) []string {
 	var names []string
 	for _, m := range mods {
 		names = append(names, m.Name)
@@ -203,9 +208,9 @@ func TestP11KitModulesDebianLike(t *testing.T) {
 	}
 
 	mods, warnings := f.load()
-	want := []ModuleConfig{
-		{Name: "opensc-pkcs11", Path: opensc, From: ModuleFromP11Kit, Source: openscFile},
-		{Name: "softhsm2", Path: softhsm, From: ModuleFromP11Kit, Source: filepath.Join(f.pkg, "softhsm2.module")},
+	want := []Module{
+		{Name: "opensc-pkcs11", Path: opensc, From: FromP11Kit, Source: openscFile},
+		{Name: "softhsm2", Path: softhsm, From: FromP11Kit, Source: filepath.Join(f.pkg, "softhsm2.module")},
 	}
 	if !reflect.DeepEqual(mods, want) {
 		t.Errorf("modules =\n%+v\nwant\n%+v", mods, want)
@@ -220,7 +225,7 @@ func TestP11KitModulesOverrides(t *testing.T) {
 		name      string
 		setup     func(f *p11Fixture)
 		wantNames []string
-		check     func(t *testing.T, f *p11Fixture, mods []ModuleConfig, warnings []string)
+		check     func(t *testing.T, f *p11Fixture, mods []Module, warnings []string)
 	}{
 		{
 			name: "user disable-in merges with the package file",
@@ -251,7 +256,7 @@ func TestP11KitModulesOverrides(t *testing.T) {
 				f.file(f.sys, "a.module", "module: a-new.so\n")
 			},
 			wantNames: []string{"a"},
-			check: func(t *testing.T, f *p11Fixture, mods []ModuleConfig, _ []string) {
+			check: func(t *testing.T, f *p11Fixture, mods []Module, _ []string) {
 				m := mods[0]
 				if m.Path != filepath.Join(f.libDir, "a-new.so") || !m.Critical {
 					t.Errorf("module = %+v, want a-new.so and critical from the package file", m)
@@ -287,7 +292,7 @@ func TestP11KitModulesOverrides(t *testing.T) {
 				f.file(f.user, "mine.module", "module: "+p+"\n")
 			},
 			wantNames: []string{"mine"},
-			check: func(t *testing.T, f *p11Fixture, mods []ModuleConfig, _ []string) {
+			check: func(t *testing.T, f *p11Fixture, mods []Module, _ []string) {
 				if want := filepath.Join(filepath.Dir(f.user), "mine.so"); mods[0].Path != want {
 					t.Errorf("Path = %q, want %q", mods[0].Path, want)
 				}
@@ -318,7 +323,7 @@ func TestP11KitModulesOverrides(t *testing.T) {
 				f.file(f.pkg, "a.module", "module: a.so\ntrust-policy: no\n")
 			},
 			wantNames: []string{"a"},
-			check: func(t *testing.T, f *p11Fixture, _ []ModuleConfig, warnings []string) {
+			check: func(t *testing.T, f *p11Fixture, _ []Module, warnings []string) {
 				wantWarning(t, warnings, `"far"`, "remote")
 				wantWarning(t, warnings, `"nothing"`, `no "module:" line`)
 				if len(warnings) != 2 {
@@ -334,7 +339,7 @@ func TestP11KitModulesOverrides(t *testing.T) {
 				f.file(f.pkg, "gone.module", "module: gone.so\n")
 			},
 			wantNames: []string{"a"},
-			check: func(t *testing.T, f *p11Fixture, _ []ModuleConfig, warnings []string) {
+			check: func(t *testing.T, f *p11Fixture, _ []Module, warnings []string) {
 				wantWarning(t, warnings, `"gone"`, filepath.Join(f.libDir, "gone.so"), "does not exist")
 			},
 		},
@@ -348,7 +353,7 @@ func TestP11KitModulesOverrides(t *testing.T) {
 				f.file(f.user, "a.module", "# mine\ndisable-in = slotwatch\n")
 			},
 			wantNames: []string{"b"},
-			check: func(t *testing.T, f *p11Fixture, _ []ModuleConfig, warnings []string) {
+			check: func(t *testing.T, f *p11Fixture, _ []Module, warnings []string) {
 				wantWarning(t, warnings, `"a"`, filepath.Join(f.user, "a.module")+":2:")
 			},
 		},
@@ -375,7 +380,7 @@ func TestP11KitModulesOverrides(t *testing.T) {
 				f.file(f.sys, "opensc-alias.module", "module: alias.so\n")
 			},
 			wantNames: []string{"opensc"},
-			check: func(t *testing.T, f *p11Fixture, _ []ModuleConfig, warnings []string) {
+			check: func(t *testing.T, f *p11Fixture, _ []Module, warnings []string) {
 				wantWarning(t, warnings, `"opensc-alias"`, `already loaded as module "opensc"`)
 			},
 		},
@@ -386,9 +391,10 @@ func TestP11KitModulesOverrides(t *testing.T) {
 				f.file(f.pkg, "a.module", "module: a.so\npriority: high\ncritical: true\n")
 			},
 			wantNames: []string{"a"},
-			check: func(t *testing.T, f *p11Fixture, mods []ModuleConfig, warnings []string) {
-				wantWarning(t, warnings, `bad priority "high"`)
-				wantWarning(t, warnings, `bad value "true" for critical`)
+			check: func(t *testing.T, f *p11Fixture, mods []Module, warnings []string) {
+				file := filepath.Join(f.pkg, "a.module")
+				wantWarning(t, warnings, `"a"`, file+":2:", `bad priority "high"`, "using 0")
+				wantWarning(t, warnings, `"a"`, file+":3:", `bad value "true" for critical`)
 				if mods[0].Critical {
 					t.Error("critical: true (not yes) made the module critical")
 				}
@@ -409,7 +415,7 @@ func TestP11KitModulesOverrides(t *testing.T) {
 				t.Fatalf("modules %q, want %q (warnings %q)", got, tt.wantNames, warnings)
 			}
 			for _, m := range mods {
-				if !validModuleName(m.Name) || m.From != ModuleFromP11Kit || !filepath.IsAbs(m.Path) || m.Source == "" {
+				if !validModuleName(m.Name) || m.From != FromP11Kit || !filepath.IsAbs(m.Path) || m.Source == "" {
 					t.Errorf("bad module %+v", m)
 				}
 			}
@@ -442,14 +448,14 @@ func TestP11KitModulesUnreadableDir(t *testing.T) {
 func TestP11KitDefaultDirs(t *testing.T) {
 	t.Setenv("XDG_CONFIG_HOME", "/xdg")
 	want := []string{"/usr/share/p11-kit/modules", "/etc/pkcs11/modules", "/xdg/pkcs11/modules"}
-	if got := DefaultP11KitDirs(); !slices.Equal(got, want) {
-		t.Errorf("DefaultP11KitDirs = %q, want %q", got, want)
+	if got := P11KitDirs(); !slices.Equal(got, want) {
+		t.Errorf("P11KitDirs = %q, want %q", got, want)
 	}
 	t.Setenv("XDG_CONFIG_HOME", "")
 	t.Setenv("HOME", "/home/u")
 	want[2] = "/home/u/.config/pkcs11/modules"
-	if got := DefaultP11KitDirs(); !slices.Equal(got, want) {
-		t.Errorf("DefaultP11KitDirs without XDG_CONFIG_HOME = %q, want %q", got, want)
+	if got := P11KitDirs(); !slices.Equal(got, want) {
+		t.Errorf("P11KitDirs without XDG_CONFIG_HOME = %q, want %q", got, want)
 	}
 }
 
@@ -459,7 +465,7 @@ func TestP11KitModulesThisMachine(t *testing.T) {
 	if _, err := os.Stat("/usr/share/p11-kit/modules/opensc-pkcs11.module"); err != nil {
 		t.Skipf("no OpenSC in p11-kit's registry here: %v", err)
 	}
-	mods, warnings, err := P11KitModules([]string{"/usr/share/p11-kit/modules", "/etc/pkcs11/modules"}, P11KitModuleDir)
+	mods, warnings, err := P11KitModules([]string{"/usr/share/p11-kit/modules", "/etc/pkcs11/modules"}, module.P11KitModuleDir())
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -536,10 +542,10 @@ func TestP11KitResolveModules(t *testing.T) {
 		if !cfg.Notify || cfg.Source != conf {
 			t.Errorf("config = %+v, want notify from %s", cfg, conf)
 		}
-		want := []ModuleConfig{
-			{Name: "card", Path: filepath.Join(f.libDir, "opensc-link.so"), Isolate: true, From: ModuleFromConfig, Source: conf + ":2"},
-			{Name: "softhsm2", Path: filepath.Join(f.libDir, "other-softhsm.so"), From: ModuleFromConfig, Source: conf + ":5"},
-			{Name: "other", Path: filepath.Join(f.libDir, "other.so"), From: ModuleFromP11Kit, Source: filepath.Join(f.pkg, "other.module")},
+		want := []Module{
+			{Name: "card", Path: filepath.Join(f.libDir, "opensc-link.so"), Isolate: true, From: FromFile, Source: conf + ":2"},
+			{Name: "softhsm2", Path: filepath.Join(f.libDir, "other-softhsm.so"), From: FromFile, Source: conf + ":5"},
+			{Name: "other", Path: filepath.Join(f.libDir, "other.so"), From: FromP11Kit, Source: filepath.Join(f.pkg, "other.module")},
 		}
 		if !reflect.DeepEqual(mods, want) {
 			t.Errorf("modules =\n%+v\nwant\n%+v", mods, want)
@@ -566,10 +572,10 @@ func TestP11KitResolveModules(t *testing.T) {
 		if cfg.RemovalAction != policy.ActionNone || cfg.Source != "" {
 			t.Errorf("config %+v, want the defaults (no search with --module)", cfg)
 		}
-		want := []ModuleConfig{
-			{Name: "opensc-pkcs11", Path: opensc, From: ModuleFromFlag, Source: "--module"},
-			{Name: "softhsm2", Path: softhsm, From: ModuleFromFlag, Source: "--module"},
-			{Name: "opensc-pkcs11-2", Path: other, From: ModuleFromFlag, Source: "--module"},
+		want := []Module{
+			{Name: "opensc-pkcs11", Path: opensc, From: FromFlag, Source: "--module"},
+			{Name: "softhsm2", Path: softhsm, From: FromFlag, Source: "--module"},
+			{Name: "opensc-pkcs11-2", Path: other, From: FromFlag, Source: "--module"},
 		}
 		if !reflect.DeepEqual(mods, want) {
 			t.Errorf("modules =\n%+v\nwant\n%+v", mods, want)
@@ -637,4 +643,338 @@ func TestP11KitResolveModules(t *testing.T) {
 			t.Errorf("error %v, want one at %s:2", err, conf)
 		}
 	})
+}
+
+// The p11-kit keys slotwatch acts on beyond module/enable-in/disable-in:
+// critical, x-init-reserved, priority with a trailing comment, and the
+// refusal of p11-kit's own proxy and client modules.
+func TestP11KitModuleRules(t *testing.T) {
+	tests := []struct {
+		name      string
+		setup     func(f *p11Fixture)
+		wantNames []string
+		// want, when set, is checked against the modules with Path,
+		// Critical, InitReserved (Name, From and Source are checked
+		// elsewhere).
+		want  []Module
+		check func(t *testing.T, f *p11Fixture, mods []Module, warnings []string)
+		// warnings is the number of warnings expected.
+		warnings int
+	}{
+		{
+			name: "critical yes, no and absent",
+			setup: func(f *p11Fixture) {
+				f.lib("a.so")
+				f.lib("b.so")
+				f.lib("c.so")
+				f.file(f.pkg, "a.module", "module: a.so\ncritical: yes\n")
+				f.file(f.pkg, "b.module", "module: b.so\ncritical: no\n")
+				f.file(f.pkg, "c.module", "module: c.so\n")
+			},
+			wantNames: []string{"a", "b", "c"},
+			want:      []Module{{Path: "a.so", Critical: true}, {Path: "b.so"}, {Path: "c.so"}},
+		},
+		{
+			name: "critical set by the user's file",
+			setup: func(f *p11Fixture) {
+				f.lib("a.so")
+				f.file(f.pkg, "a.module", "module: a.so\n")
+				f.file(f.user, "a.module", "critical: yes\n")
+			},
+			wantNames: []string{"a"},
+			want:      []Module{{Path: "a.so", Critical: true}},
+		},
+		{
+			name: "critical with a trailing comment is not yes, as in p11-kit",
+			setup: func(f *p11Fixture) {
+				f.lib("a.so")
+				f.file(f.pkg, "a.module", "# c\nmodule: a.so\ncritical: yes # required\n")
+			},
+			wantNames: []string{"a"},
+			want:      []Module{{Path: "a.so"}},
+			check: func(t *testing.T, f *p11Fixture, _ []Module, warnings []string) {
+				wantWarning(t, warnings, filepath.Join(f.pkg, "a.module")+":3:", `bad value "yes # required" for critical`)
+			},
+			warnings: 1,
+		},
+		{
+			name: "a critical module whose library is missing says so",
+			setup: func(f *p11Fixture) {
+				f.file(f.pkg, "a.module", "module: a.so\ncritical: yes\n")
+			},
+			wantNames: nil,
+			check: func(t *testing.T, f *p11Fixture, _ []Module, warnings []string) {
+				wantWarning(t, warnings, `"a"`, "does not exist", "marked critical")
+			},
+			warnings: 1,
+		},
+		{
+			name: "x-init-reserved is carried",
+			setup: func(f *p11Fixture) {
+				f.lib("a.so")
+				f.lib("b.so")
+				f.lib("c.so")
+				f.file(f.pkg, "a.module", "module: a.so\nx-init-reserved: slots=2 debug=yes\n")
+				f.file(f.pkg, "b.module", "module: b.so\nx-init-reserved:\n")
+				f.file(f.pkg, "c.module", "module: c.so\n")
+			},
+			wantNames: []string{"a", "b", "c"},
+			want:      []Module{{Path: "a.so", InitReserved: "slots=2 debug=yes"}, {Path: "b.so"}, {Path: "c.so"}},
+		},
+		{
+			name: "x-init-reserved overridden by a later directory",
+			setup: func(f *p11Fixture) {
+				f.lib("a.so")
+				f.file(f.pkg, "a.module", "module: a.so\nx-init-reserved: one\n")
+				f.file(f.sys, "a.module", "x-init-reserved: two\n")
+			},
+			wantNames: []string{"a"},
+			want:      []Module{{Path: "a.so", InitReserved: "two"}},
+		},
+		{
+			name: "p11-kit's proxy and client are refused",
+			setup: func(f *p11Fixture) {
+				f.lib("a.so")
+				f.lib("p11-kit-proxy.so")
+				f.lib("p11-kit-client.so")
+				f.file(f.pkg, "a.module", "module: a.so\n")
+				f.file(f.pkg, "proxy.module", "module: p11-kit-proxy.so\n")
+				f.file(f.pkg, "client.module", "# c\nmodule: "+filepath.Join(f.libDir, "p11-kit-client.so")+"\n")
+				f.file(f.pkg, "elsewhere.module", "module: /opt/x/p11-kit-proxy.so\n") // refused although missing
+			},
+			wantNames: []string{"a"},
+			check: func(t *testing.T, f *p11Fixture, _ []Module, warnings []string) {
+				wantWarning(t, warnings, `"proxy"`, filepath.Join(f.pkg, "proxy.module")+":1", filepath.Join(f.libDir, "p11-kit-proxy.so"), "p11-kit's proxy module")
+				wantWarning(t, warnings, `"client"`, filepath.Join(f.pkg, "client.module")+":2", "p11-kit's client module")
+				wantWarning(t, warnings, `"elsewhere"`, "/opt/x/p11-kit-proxy.so", "p11-kit's proxy module")
+			},
+			warnings: 3,
+		},
+		{
+			name: "libp11-kit and links to it are the proxy",
+			setup: func(f *p11Fixture) {
+				real := f.lib("libp11-kit.so.0.3.1")
+				if err := os.Symlink(real, filepath.Join(f.libDir, "innocent.so")); err != nil {
+					f.t.Fatal(err)
+				}
+				f.file(f.pkg, "direct.module", "module: libp11-kit.so.0.3.1\n")
+				f.file(f.pkg, "link.module", "module: innocent.so\n")
+			},
+			wantNames: nil,
+			check: func(t *testing.T, f *p11Fixture, _ []Module, warnings []string) {
+				wantWarning(t, warnings, `"direct"`, "p11-kit's proxy module")
+				wantWarning(t, warnings, `"link"`, filepath.Join(f.libDir, "innocent.so"), "p11-kit's proxy module")
+			},
+			warnings: 2,
+		},
+		{
+			name: "a user file can point a refused module elsewhere",
+			setup: func(f *p11Fixture) {
+				f.lib("p11-kit-proxy.so")
+				f.lib("real.so")
+				f.file(f.pkg, "a.module", "module: p11-kit-proxy.so\n")
+				f.file(f.user, "a.module", "module: real.so\n")
+			},
+			wantNames: []string{"a"},
+			want:      []Module{{Path: "real.so"}},
+		},
+		{
+			name: "priority with a trailing comment",
+			setup: func(f *p11Fixture) {
+				for _, n := range []string{"a", "b", "c", "d"} {
+					f.lib(n + ".so")
+				}
+				f.file(f.pkg, "a.module", "module: a.so\n")
+				f.file(f.pkg, "b.module", "module: b.so\npriority: 10 # note\n")
+				f.file(f.pkg, "c.module", "module: c.so\npriority: 5#tight\n")
+				f.file(f.pkg, "d.module", "module: d.so\npriority: -3\t# last\n")
+			},
+			wantNames: []string{"b", "c", "a", "d"},
+		},
+		{
+			name: "priority that is not a number warns with file and line and is 0",
+			setup: func(f *p11Fixture) {
+				for _, n := range []string{"a", "b", "c"} {
+					f.lib(n + ".so")
+				}
+				f.file(f.pkg, "a.module", "module: a.so\npriority: -1\n")
+				f.file(f.pkg, "b.module", "module: b.so\n\npriority: ten # note\n")
+				f.file(f.pkg, "c.module", "module: c.so\npriority: 1\n")
+			},
+			wantNames: []string{"c", "b", "a"},
+			check: func(t *testing.T, f *p11Fixture, _ []Module, warnings []string) {
+				wantWarning(t, warnings, `"b"`, filepath.Join(f.pkg, "b.module")+":3:", `bad priority "ten # note"`, "using 0")
+			},
+			warnings: 1,
+		},
+		{
+			name: "priority with more than a number warns and uses the number, as p11-kit does",
+			setup: func(f *p11Fixture) {
+				f.lib("a.so")
+				f.lib("b.so")
+				f.file(f.pkg, "a.module", "module: a.so\n")
+				f.file(f.user, "b.module", "module: "+filepath.Join(f.libDir, "b.so")+"\npriority: 7 high\n")
+			},
+			wantNames: []string{"b", "a"},
+			check: func(t *testing.T, f *p11Fixture, _ []Module, warnings []string) {
+				wantWarning(t, warnings, `"b"`, filepath.Join(f.user, "b.module")+":2:", `priority "7 high" is not just a number`, "using 7")
+			},
+			warnings: 1,
+		},
+		{
+			name: "priority = 10 (slotwatch.conf syntax) is a broken file, as in p11-kit",
+			setup: func(f *p11Fixture) {
+				f.lib("a.so")
+				f.file(f.pkg, "a.module", "module: a.so\npriority = 10 # note\n")
+			},
+			wantNames: nil,
+			check: func(t *testing.T, f *p11Fixture, _ []Module, warnings []string) {
+				wantWarning(t, warnings, `"a"`, filepath.Join(f.pkg, "a.module")+":2:", `expected "key: value"`)
+			},
+			warnings: 1,
+		},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			f := newP11Fixture(t)
+			tt.setup(f)
+			mods, warnings := f.load()
+			if got := moduleNames(mods); !slices.Equal(got, tt.wantNames) {
+				t.Fatalf("modules %q, want %q (warnings %q)", got, tt.wantNames, warnings)
+			}
+			if tt.want != nil {
+				for i, w := range tt.want {
+					m := mods[i]
+					if w.Path = filepath.Join(f.libDir, w.Path); m.Path != w.Path || m.Critical != w.Critical || m.InitReserved != w.InitReserved {
+						t.Errorf("module %d = %+v, want Path %s, Critical %v, InitReserved %q", i, m, w.Path, w.Critical, w.InitReserved)
+					}
+				}
+			}
+			if tt.check != nil {
+				tt.check(t, f, mods, warnings)
+			}
+			if len(warnings) != tt.warnings {
+				t.Errorf("%d warnings %q, want %d", len(warnings), warnings, tt.warnings)
+			}
+		})
+	}
+}
+
+func TestP11KitPriority(t *testing.T) {
+	tests := []struct {
+		in            string
+		n             int
+		clean, number bool
+	}{
+		{"0", 0, true, true},
+		{"10", 10, true, true},
+		{"+10", 10, true, true},
+		{"-10", -10, true, true},
+		{"10 # note", 10, true, true},
+		{"10\t#note", 10, true, true},
+		{"10#note", 10, true, true},
+		{"10 ", 10, true, true},
+		{"10 high", 10, false, true},
+		{"10abc", 10, false, true},
+		{"1.5", 1, false, true},
+		{"", 0, false, false},
+		{"high", 0, false, false},
+		{"# 10", 0, false, false},
+		{"-", 0, false, false},
+		{"+ 1", 0, false, false},
+		{"2147483647", 2147483647, true, true},
+		{"2147483648", 0, false, false}, // more than a C int holds
+		{"-2147483648", -2147483648, true, true},
+	}
+	for _, tt := range tests {
+		n, clean, number := parseP11KitPriority(tt.in)
+		if n != tt.n || clean != tt.clean || number != tt.number {
+			t.Errorf("parseP11KitPriority(%q) = %d, %v, %v; want %d, %v, %v", tt.in, n, clean, number, tt.n, tt.clean, tt.number)
+		}
+	}
+}
+
+// p11-kit's module directory is found from the architecture and what
+// exists; relative "module:" values are resolved against it.
+func TestP11KitModuleDir(t *testing.T) {
+	const (
+		lib64 = "/usr/lib64/pkcs11"
+		lib   = "/usr/lib/pkcs11"
+	)
+	tests := []struct {
+		goarch string
+		exists []string
+		want   string
+	}{
+		{"amd64", []string{"/usr/lib/x86_64-linux-gnu/pkcs11", lib}, "/usr/lib/x86_64-linux-gnu/pkcs11"},
+		{"arm64", []string{"/usr/lib/aarch64-linux-gnu/pkcs11"}, "/usr/lib/aarch64-linux-gnu/pkcs11"},
+		{"386", []string{"/usr/lib/i386-linux-gnu/pkcs11", "/usr/lib/x86_64-linux-gnu/pkcs11"}, "/usr/lib/i386-linux-gnu/pkcs11"},
+		{"arm", []string{"/usr/lib/arm-linux-gnueabihf/pkcs11"}, "/usr/lib/arm-linux-gnueabihf/pkcs11"},
+		{"arm", []string{"/usr/lib/arm-linux-gnueabi/pkcs11"}, "/usr/lib/arm-linux-gnueabi/pkcs11"}, // armel
+		{"ppc64le", []string{"/usr/lib/powerpc64le-linux-gnu/pkcs11"}, "/usr/lib/powerpc64le-linux-gnu/pkcs11"},
+		{"s390x", []string{"/usr/lib/s390x-linux-gnu/pkcs11"}, "/usr/lib/s390x-linux-gnu/pkcs11"},
+		{"riscv64", []string{"/usr/lib/riscv64-linux-gnu/pkcs11"}, "/usr/lib/riscv64-linux-gnu/pkcs11"},
+		{"mips64le", []string{"/usr/lib/mips64el-linux-gnuabi64/pkcs11"}, "/usr/lib/mips64el-linux-gnuabi64/pkcs11"},
+		// Fedora, openSUSE: no multiarch directory.
+		{"amd64", []string{lib64, lib}, lib64},
+		{"arm64", []string{lib64}, lib64},
+		// A 32-bit process on a 64-bit Fedora uses /usr/lib, not lib64.
+		{"386", []string{lib64, lib}, lib},
+		// Arch, Alpine.
+		{"amd64", []string{lib}, lib},
+		// Nothing exists: where Debian would have it.
+		{"amd64", nil, "/usr/lib/x86_64-linux-gnu/pkcs11"},
+		{"riscv64", nil, "/usr/lib/riscv64-linux-gnu/pkcs11"},
+		// An architecture without a known triplet.
+		{"wasm", []string{lib64, lib}, lib64},
+		{"wasm", []string{lib}, lib},
+		{"wasm", nil, lib64},
+	}
+	for _, tt := range tests {
+		isDir := func(p string) bool { return slices.Contains(tt.exists, p) }
+		if got := module.FindP11KitModuleDir(tt.goarch, isDir); got != tt.want {
+			t.Errorf("FindP11KitModuleDir(%s) with %q = %q, want %q", tt.goarch, tt.exists, got, tt.want)
+		}
+	}
+
+	triplets := map[string]string{
+		"amd64": "x86_64-linux-gnu", "arm64": "aarch64-linux-gnu", "386": "i386-linux-gnu",
+		"arm": "arm-linux-gnueabihf", "ppc64le": "powerpc64le-linux-gnu", "s390x": "s390x-linux-gnu",
+		"riscv64": "riscv64-linux-gnu", "mips64le": "mips64el-linux-gnuabi64", "wasm": "",
+	}
+	for goarch, want := range triplets {
+		if got := module.MultiarchTriplet(goarch); got != want {
+			t.Errorf("MultiarchTriplet(%s) = %q, want %q", goarch, got, want)
+		}
+	}
+
+	// The registry's relative paths land in the directory found, here a
+	// fake arm64 machine whose root is a temp dir.
+	f := newP11Fixture(t)
+	root := t.TempDir()
+	isDir := func(p string) bool {
+		fi, err := os.Stat(filepath.Join(root, p))
+		return err == nil && fi.IsDir()
+	}
+	want := "/usr/lib/aarch64-linux-gnu/pkcs11"
+	if err := os.MkdirAll(filepath.Join(root, want), 0o755); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(filepath.Join(root, want, "opensc-pkcs11.so"), nil, 0o644); err != nil {
+		t.Fatal(err)
+	}
+	dir := module.FindP11KitModuleDir("arm64", isDir)
+	if dir != want {
+		t.Fatalf("FindP11KitModuleDir(arm64) = %q, want %q", dir, want)
+	}
+	f.file(f.pkg, "opensc-pkcs11.module", "module: opensc-pkcs11.so\n")
+	mods, warnings, err := P11KitModules(f.dirs, filepath.Join(root, dir))
+	if err != nil || len(mods) != 1 || mods[0].Path != filepath.Join(root, want, "opensc-pkcs11.so") {
+		t.Errorf("P11KitModules = %+v, %q, %v; want opensc-pkcs11.so in %s", mods, warnings, err, want)
+	}
+
+	// This machine: one of the candidates for its own architecture.
+	if got := module.P11KitModuleDir(); !slices.Contains(module.P11KitModuleDirs(runtime.GOARCH), got) {
+		t.Errorf("P11KitModuleDir() = %q, not one of %q", got, module.P11KitModuleDirs(runtime.GOARCH))
+	}
 }

@@ -1,4 +1,4 @@
-package main
+package config
 
 // p11-kit's module registry (pkcs11.conf(5), "Module Configuration"), read
 // the way p11-kit reads it, and the rule that turns --module flags, the
@@ -18,26 +18,22 @@ import (
 	"strconv"
 	"strings"
 	"syscall"
-)
 
-// P11KitModuleDir is where p11-kit resolves a relative "module:" value:
-// Debian's multiarch default for amd64, the value of
-// `pkg-config --variable=p11_module_path p11-kit-1` there. Callers on
-// other systems pass their own directory to P11KitModules.
-const P11KitModuleDir = "/usr/lib/x86_64-linux-gnu/pkcs11"
+	"github.com/slotwatch/slotwatch/module"
+)
 
 // p11KitProgramName is the program name enable-in and disable-in are
 // matched against: p11-kit uses the base name of the executable.
 const p11KitProgramName = "slotwatch"
 
-// DefaultP11KitDirs returns the directories p11-kit reads module configs
+// P11KitDirs returns the directories p11-kit reads module configs
 // from, lowest precedence first: the packages' (/usr/share/p11-kit/modules),
 // the administrator's (/etc/pkcs11/modules), the user's
 // ($XDG_CONFIG_HOME/pkcs11/modules, ~/.config/pkcs11/modules by default).
 //
 // p11-kit's user-config setting in pkcs11.conf (none / only / override) is
 // not consulted: the user directory is always merged, p11-kit's default.
-func DefaultP11KitDirs() []string {
+func P11KitDirs() []string {
 	dirs := []string{"/usr/share/p11-kit/modules", "/etc/pkcs11/modules"}
 	if d := userConfigHome(); d != "" {
 		dirs = append(dirs, filepath.Join(d, "pkcs11", "modules"))
@@ -46,9 +42,10 @@ func DefaultP11KitDirs() []string {
 }
 
 // P11KitModules reads the *.module files in dirs (lowest precedence first,
-// as DefaultP11KitDirs returns them) and returns the modules slotwatch
+// as P11KitDirs returns them) and returns the modules slotwatch
 // should load, highest priority first, then by name. Relative "module:"
-// values are resolved against moduleDir.
+// values are resolved against moduleDir: p11-kit's module directory,
+// module.P11KitModuleDir() on this machine (ResolveModules passes it).
 //
 // It follows p11-kit:
 //
@@ -63,28 +60,47 @@ func DefaultP11KitDirs() []string {
 //     are comma and/or white-space separated lists.
 //   - Modules with "trust-policy: yes" are skipped: p11-kit's trust store
 //     is not a token source. So are modules without a "module:" value.
-//   - "priority" (an integer, default 0) orders the list; "critical"
-//     (yes/no) sets ModuleConfig.Critical; every other key (managed,
-//     log-calls, x-*, ...) is ignored.
+//   - "#" starts a comment only at the start of a line; after a value it
+//     is part of the value. "priority" (default 0) is read as p11-kit
+//     reads it, as C's atoi does: the whole number at the start of the
+//     value, so "priority: 10 # note" is 10. A value that does not start
+//     with a number is 0 and one with something other than a "#" comment
+//     after its number ("7 high") is that number, each with a warning
+//     naming the file and line. The highest priority comes first.
+//   - "critical" (yes/no) sets Module.Critical; "x-init-reserved" sets
+//     Module.InitReserved (see there: slotwatch carries it but does not
+//     pass it to the module yet). Every other key (managed, log-calls,
+//     other x-* keys, ...) is ignored.
+//   - The library must not be p11-kit itself: a module whose library is
+//     p11-kit-proxy.so, p11-kit-client.so or libp11-kit.so* (by base
+//     name, also after resolving symlinks) is refused, as p11-kit refuses
+//     to load its proxy as a registered module. The proxy would load the
+//     registry's modules a second time, inside slotwatch, and the client
+//     talks to whatever P11_KIT_SERVER_ADDRESS names; slotwatch loads
+//     each registered module itself.
 //
 // Where p11-kit would fail or only print a message, P11KitModules leaves
 // the module out and says why in warnings (the daemon logs them and goes
 // on with the others): a file that cannot be read or parsed (the module of
 // that name is left out entirely, since its overrides are unknown), a
-// module whose library does not exist, a "remote:" module (slotwatch loads
-// libraries itself), a library already listed under another name, a bad
-// priority, critical or trust-policy value.
+// module whose library does not exist (the warning says so when the module
+// is marked critical), a "remote:" module (slotwatch loads libraries
+// itself), p11-kit's own proxy or client module, a library already listed
+// under another name. Bad priority, critical or trust-policy values are
+// warnings naming the file and line; the module stays, with the value
+// p11-kit would use.
 //
 // Missing directories are fine, and so are unreadable ones (a warning).
 // The error is for any other failure to list a directory.
 //
 // Names are sanitized to [A-Za-z0-9_-] (every other byte becomes "_") and
-// made unique with a "-2", "-3", ... suffix. From is ModuleFromP11Kit and
+// made unique with a "-2", "-3", ... suffix. From is FromP11Kit and
 // Source lists the files the module was read from.
-func P11KitModules(dirs []string, moduleDir string) (mods []ModuleConfig, warnings []string, err error) {
+func P11KitModules(dirs []string, moduleDir string) (mods []Module, warnings []string, err error) {
 	type entry struct {
 		name   string            // p11-kit's name: the file name without .module
 		keys   map[string]string // merged over all files, later wins
+		where  map[string]string // key → "FILE:LINE" of the value in keys
 		files  []string
 		broken bool
 	}
@@ -114,14 +130,14 @@ func P11KitModules(dirs []string, moduleDir string) (mods []ModuleConfig, warnin
 			path := filepath.Join(dir, fname)
 			e := entries[name]
 			if e == nil {
-				e = &entry{name: name, keys: map[string]string{}}
+				e = &entry{name: name, keys: map[string]string{}, where: map[string]string{}}
 				entries[name] = e
 			}
 			e.files = append(e.files, path)
 			if e.broken {
 				continue
 			}
-			keys, err := readP11KitModuleFile(path)
+			mf, err := readP11KitModuleFile(path)
 			if errors.Is(err, errIsDir) {
 				e.files = e.files[:len(e.files)-1]
 				continue
@@ -131,14 +147,15 @@ func P11KitModules(dirs []string, moduleDir string) (mods []ModuleConfig, warnin
 				e.broken = true
 				continue
 			}
-			for k, v := range keys {
+			for k, v := range mf.values {
 				e.keys[k] = v
+				e.where[k] = fmt.Sprintf("%s:%d", path, mf.lines[k])
 			}
 		}
 	}
 
 	type candidate struct {
-		mod      ModuleConfig
+		mod      Module
 		name     string // p11-kit's name, for sorting
 		priority int
 	}
@@ -151,7 +168,7 @@ func P11KitModules(dirs []string, moduleDir string) (mods []ModuleConfig, warnin
 		if !p11KitEnabled(e.keys) {
 			continue
 		}
-		if p11KitBool(e.keys, "trust-policy", src, warnf) {
+		if p11KitBool(e.name, e.keys, e.where, "trust-policy", warnf) {
 			continue
 		}
 		if _, ok := e.keys["remote"]; ok {
@@ -170,24 +187,37 @@ func P11KitModules(dirs []string, moduleDir string) (mods []ModuleConfig, warnin
 			lib = filepath.Join(moduleDir, lib)
 		}
 		lib = filepath.Clean(lib)
+		if self := p11KitSelf(lib); self != "" {
+			warnf("module %q (%s) left out: %s is %s; slotwatch loads the registered modules itself and never p11-kit's own modules", e.name, e.where["module"], lib, self)
+			continue
+		}
+		critical := p11KitBool(e.name, e.keys, e.where, "critical", warnf)
 		if _, err := os.Stat(lib); errors.Is(err, fs.ErrNotExist) {
-			warnf("module %q (%s) left out: library %s does not exist", e.name, src, lib)
+			if critical {
+				warnf("module %q (%s) left out: library %s does not exist, although the module is marked critical", e.name, src, lib)
+			} else {
+				warnf("module %q (%s) left out: library %s does not exist", e.name, src, lib)
+			}
 			continue
 		}
 		prio := 0
 		if v, ok := e.keys["priority"]; ok {
-			if n, err := strconv.Atoi(v); err == nil {
-				prio = n
-			} else {
-				warnf("module %q (%s): bad priority %q, using 0", e.name, src, v)
+			n, clean, number := parseP11KitPriority(v)
+			switch {
+			case !number:
+				warnf("module %q: %s: bad priority %q (want a whole number), using 0 as p11-kit does", e.name, e.where["priority"], v)
+			case !clean:
+				warnf("module %q: %s: priority %q is not just a number (and perhaps a \"#\" comment), using %d as p11-kit does", e.name, e.where["priority"], v, n)
 			}
+			prio = n
 		}
 		cands = append(cands, candidate{
-			mod: ModuleConfig{
-				Path:     lib,
-				From:     ModuleFromP11Kit,
-				Critical: p11KitBool(e.keys, "critical", src, warnf),
-				Source:   src,
+			mod: Module{
+				Path:         lib,
+				From:         FromP11Kit,
+				Critical:     critical,
+				InitReserved: e.keys["x-init-reserved"],
+				Source:       src,
 			},
 			name:     e.name,
 			priority: prio,
@@ -217,7 +247,13 @@ func P11KitModules(dirs []string, moduleDir string) (mods []ModuleConfig, warnin
 
 var errIsDir = errors.New("is a directory")
 
-func readP11KitModuleFile(path string) (map[string]string, error) {
+// p11KitModuleFile is one parsed .module file.
+type p11KitModuleFile struct {
+	values map[string]string // key → value
+	lines  map[string]int    // key → the line its value is on
+}
+
+func readP11KitModuleFile(path string) (*p11KitModuleFile, error) {
 	data, err := os.ReadFile(path)
 	if errors.Is(err, syscall.EISDIR) {
 		return nil, errIsDir
@@ -232,11 +268,12 @@ func readP11KitModuleFile(path string) (map[string]string, error) {
 // lexer does: white space around lines, keys and values is trimmed; blank
 // lines and lines starting with "#" are skipped; every other line is
 // "key: value" split at the first colon (the value may be empty, and
-// "#" inside a value is part of it); a key given twice keeps the last
-// value. A line without a colon, a [section] header or a PEM block is an
-// error naming the line.
-func parseP11KitModuleFile(r io.Reader, name string) (map[string]string, error) {
-	keys := map[string]string{}
+// "#" inside or after a value is part of it: p11-kit has no trailing
+// comments); a key given twice keeps the last value. A line without a
+// colon (such as "priority = 10"), a [section] header or a PEM block is
+// an error naming the line.
+func parseP11KitModuleFile(r io.Reader, name string) (*p11KitModuleFile, error) {
+	mf := &p11KitModuleFile{values: map[string]string{}, lines: map[string]int{}}
 	sc := bufio.NewScanner(r)
 	sc.Buffer(make([]byte, 0, 4096), 64*1024)
 	line := 0
@@ -251,27 +288,28 @@ func parseP11KitModuleFile(r io.Reader, name string) (map[string]string, error) 
 		}
 		switch {
 		case strings.HasPrefix(text, "-----BEGIN "):
-			return nil, &ConfigError{File: name, Line: line, Msg: "unexpected PEM block in a module config"}
+			return nil, &Error{File: name, Line: line, Msg: "unexpected PEM block in a module config"}
 		case text[0] == '[':
-			return nil, &ConfigError{File: name, Line: line, Msg: fmt.Sprintf("unexpected section header %q in a module config", text)}
+			return nil, &Error{File: name, Line: line, Msg: fmt.Sprintf("unexpected section header %q in a module config", text)}
 		}
 		key, value, ok := strings.Cut(text, ":")
 		if !ok {
-			return nil, &ConfigError{File: name, Line: line, Msg: fmt.Sprintf("expected \"key: value\", got %q", text)}
+			return nil, &Error{File: name, Line: line, Msg: fmt.Sprintf("expected \"key: value\", got %q", text)}
 		}
 		key = strings.TrimSpace(key)
 		if key == "" {
-			return nil, &ConfigError{File: name, Line: line, Msg: "missing key before \":\""}
+			return nil, &Error{File: name, Line: line, Msg: "missing key before \":\""}
 		}
-		keys[key] = strings.TrimSpace(value)
+		mf.values[key] = strings.TrimSpace(value)
+		mf.lines[key] = line
 	}
 	if err := sc.Err(); err != nil {
 		if errors.Is(err, bufio.ErrTooLong) {
-			return nil, &ConfigError{File: name, Line: line + 1, Msg: "line too long"}
+			return nil, &Error{File: name, Line: line + 1, Msg: "line too long"}
 		}
-		return nil, &ConfigError{File: name, Msg: err.Error()}
+		return nil, &Error{File: name, Msg: err.Error()}
 	}
-	return keys, nil
+	return mf, nil
 }
 
 // p11KitEnabled applies enable-in and disable-in for slotwatch, as
@@ -295,18 +333,65 @@ func p11KitListHas(list, name string) bool {
 	}), name)
 }
 
-// p11KitBool reads a yes/no key (absent = no). Anything else is no, with a
-// warning, as p11-kit's _p11_conf_parse_boolean does.
-func p11KitBool(keys map[string]string, key, src string, warnf func(string, ...any)) bool {
+// p11KitBool reads a yes/no key (absent = no). Anything else, also "yes"
+// followed by a "#" comment, is no, with a warning naming the file and
+// line, as p11-kit reads its booleans.
+func p11KitBool(name string, keys, where map[string]string, key string, warnf func(string, ...any)) bool {
 	switch v, ok := keys[key]; {
 	case !ok || v == "no":
 		return false
 	case v == "yes":
 		return true
 	default:
-		warnf("%s: bad value %q for %s (want yes or no), using no", src, v, key)
+		warnf("module %q: %s: bad value %q for %s (want yes or no), using no as p11-kit does", name, where[key], v, key)
 		return false
 	}
+}
+
+// parseP11KitPriority reads a priority value as p11-kit does, which is
+// C's atoi: an optional sign and the decimal digits at the start of the
+// value; whatever follows is ignored, and a value without them is 0.
+// number reports whether the value starts with a number (that fits a C
+// int); clean, whether nothing but white space and a "#" comment follows
+// it, as in "10 # note". Anything else deserves a warning.
+func parseP11KitPriority(v string) (n int, clean, number bool) {
+	end := 0
+	if end < len(v) && (v[end] == '+' || v[end] == '-') {
+		end++
+	}
+	digits := end
+	for end < len(v) && v[end] >= '0' && v[end] <= '9' {
+		end++
+	}
+	if end == digits {
+		return 0, false, false
+	}
+	i, err := strconv.ParseInt(v[:end], 10, 32)
+	if err != nil {
+		return 0, false, false
+	}
+	rest := strings.TrimLeft(v[end:], " \t")
+	return int(i), rest == "" || rest[0] == '#', true
+}
+
+// p11KitSelf says which of p11-kit's own modules the library at path is,
+// by its base name or the base name of the file it links to: "p11-kit's
+// proxy module" (p11-kit-proxy.so, libp11-kit.so*), "p11-kit's client
+// module" (p11-kit-client.so), or "" for any other library.
+func p11KitSelf(path string) string {
+	names := []string{filepath.Base(path)}
+	if r, err := filepath.EvalSymlinks(path); err == nil {
+		names = append(names, filepath.Base(r))
+	}
+	for _, n := range names {
+		switch {
+		case n == "p11-kit-proxy.so", n == "libp11-kit.so", strings.HasPrefix(n, "libp11-kit.so."):
+			return "p11-kit's proxy module"
+		case n == "p11-kit-client.so":
+			return "p11-kit's client module"
+		}
+	}
+	return ""
 }
 
 func isASCIIAlnum(c byte) bool {
@@ -375,8 +460,9 @@ func flagModuleName(path string) string {
 }
 
 // ResolveModules applies DESIGN.md's rule for which modules the daemon
-// loads, with p11-kit's registry read from DefaultP11KitDirs and relative
-// module paths resolved against P11KitModuleDir.
+// loads, with p11-kit's registry read from P11KitDirs and relative
+// module paths resolved against p11-kit's module directory for this
+// machine's architecture (module.P11KitModuleDir).
 //
 // With one or more flagModules (serve --module PATH), exactly those modules
 // are loaded (From "flag", names from flagModuleName, made unique), in the
@@ -387,7 +473,7 @@ func flagModuleName(path string) string {
 // default search path is skipped so that a test's --module run never
 // picks up the user's or the system's config.
 //
-// Without flagModules, the config file (configPath, or LoadConfig's search
+// Without flagModules, the config file (configPath, or Load's search
 // when "") is read; its [module] sections come first, in file order,
 // followed by the p11-kit registry's modules except those whose library is
 // already configured (same path, or the same file through a symlink) and
@@ -398,17 +484,17 @@ func flagModuleName(path string) string {
 // The returned modules have unique names. Warnings are for the log; the
 // error is for a config file that is missing (when given) or wrong, and
 // for bad flags.
-func ResolveModules(flagModules []string, configPath string) (*Config, []ModuleConfig, []string, error) {
-	return resolveModules(flagModules, configPath, DefaultP11KitDirs(), P11KitModuleDir)
+func ResolveModules(flagModules []string, configPath string) (*Config, []Module, []string, error) {
+	return resolveModules(flagModules, configPath, P11KitDirs(), module.P11KitModuleDir())
 }
 
-func resolveModules(flagModules []string, configPath string, p11Dirs []string, moduleDir string) (*Config, []ModuleConfig, []string, error) {
+func resolveModules(flagModules []string, configPath string, p11Dirs []string, moduleDir string) (*Config, []Module, []string, error) {
 	var warnings []string
 	if len(flagModules) > 0 {
-		cfg := DefaultConfig()
+		cfg := Default()
 		if configPath != "" {
 			var err error
-			if cfg, err = LoadConfig(configPath); err != nil {
+			if cfg, err = Load(configPath); err != nil {
 				return nil, nil, nil, err
 			}
 			if n := len(cfg.Modules); n > 0 {
@@ -422,7 +508,7 @@ func resolveModules(flagModules []string, configPath string, p11Dirs []string, m
 		return cfg, mods, warnings, nil
 	}
 
-	cfg, err := LoadConfig(configPath)
+	cfg, err := Load(configPath)
 	if err != nil {
 		return nil, nil, nil, err
 	}
@@ -451,8 +537,8 @@ func resolveModules(flagModules []string, configPath string, p11Dirs []string, m
 	return cfg, mods, warnings, nil
 }
 
-func flagModuleConfigs(paths []string) ([]ModuleConfig, error) {
-	var mods []ModuleConfig
+func flagModuleConfigs(paths []string) ([]Module, error) {
+	var mods []Module
 	names := map[string]bool{}
 	seen := map[string]bool{}
 	for _, p := range paths {
@@ -473,10 +559,10 @@ func flagModuleConfigs(paths []string) ([]ModuleConfig, error) {
 			return nil, fmt.Errorf("--module %s given twice", p)
 		}
 		seen[p] = true
-		mods = append(mods, ModuleConfig{
+		mods = append(mods, Module{
 			Name:   uniqueModuleName(flagModuleName(p), names),
 			Path:   p,
-			From:   ModuleFromFlag,
+			From:   FromFlag,
 			Source: "--module",
 		})
 	}

@@ -1,8 +1,17 @@
-package main
+// Package config owns what slotwatch reads to know what to do: the
+// slotwatch.conf file (its grammar, its settings and their defaults, where
+// it is looked for), p11-kit's module registry (the *.module files of
+// pkcs11.conf(5) and the machine's p11-kit module directory), and the rule
+// that turns --module flags, the config file and the registry into the
+// list of PKCS#11 modules the daemon watches (ResolveModules).
+//
+// It only reads and validates; loading modules, applying the removal
+// policy and enforcing limits belong to the packages that do those things.
+package config
 
 // The config file: DESIGN.md's "key = value" format with [module NAME]
 // sections. See packaging/slotwatch.conf for the installed, commented
-// default and ParseConfig for the exact grammar.
+// default and Parse for the exact grammar.
 
 import (
 	"bufio"
@@ -13,20 +22,22 @@ import (
 	"os"
 	"path/filepath"
 	"slices"
+	"strconv"
 	"strings"
+	"time"
 
 	"github.com/slotwatch/slotwatch/policy"
 )
 
-// Values of ModuleConfig.From: where a module came from.
+// Values of Module.From: where a module came from.
 const (
-	ModuleFromConfig = "config"  // a [module NAME] section
-	ModuleFromP11Kit = "p11-kit" // p11-kit's module registry (*.module files)
-	ModuleFromFlag   = "flag"    // slotwatch serve --module PATH
+	FromFile   = "config"  // a [module NAME] section of the config file
+	FromP11Kit = "p11-kit" // p11-kit's module registry (*.module files)
+	FromFlag   = "flag"    // slotwatch serve --module PATH
 )
 
 // Config is the parsed config file. The zero value is not useful; start
-// from DefaultConfig.
+// from Default.
 type Config struct {
 	RemovalAction policy.Action // what happens when a token in RemovalScope is removed
 	// RemovalActionSet is true when the file has a removal-action line
@@ -35,12 +46,46 @@ type Config struct {
 	RemovalActionSet bool
 	RemovalScope     policy.Scope // which tokens' removal triggers RemovalAction
 	Notify           bool         // show a desktop notification on insertion and removal
-	Modules          []ModuleConfig
+	Limits           Limits       // per-caller limits; DefaultLimits unless the file sets them
+	Modules          []Module
 	Source           string // the file it came from, "" for the built-in defaults
 }
 
-// ModuleConfig is one PKCS#11 module to load.
-type ModuleConfig struct {
+// Limits bound what one caller (one D-Bus connection, one PKCS#11 socket
+// connection) may take of the daemon. Whoever brokers calls enforces
+// them; this package only reads them. Every field is within the range
+// the config file allows (see Parse) when it comes from Default or Parse.
+type Limits struct {
+	// SessionsPerToken is how many sessions one caller may hold on one
+	// token at once (max-sessions-per-token, 1..1024).
+	SessionsPerToken int
+	// ConcurrentCalls is how many calls one caller may have running at
+	// once (max-concurrent-calls, 1..256).
+	ConcurrentCalls int
+	// FindResults is the most objects one FindObjects call returns
+	// (max-find-results, 1..100000).
+	FindResults int
+	// TokenWait is how long a call waits for its token when another
+	// caller's login or InitToken is in progress or a removed token is
+	// still draining, before it fails with Busy (token-wait, more than 0
+	// and at most 60 seconds).
+	TokenWait time.Duration
+}
+
+// DefaultLimits are the limits without a config file or without the keys:
+// 16 sessions per token, 8 concurrent calls, 1000 FindObjects results,
+// a 5 second token wait.
+func DefaultLimits() Limits {
+	return Limits{
+		SessionsPerToken: 16,
+		ConcurrentCalls:  8,
+		FindResults:      1000,
+		TokenWait:        5 * time.Second,
+	}
+}
+
+// Module is one PKCS#11 module to load.
+type Module struct {
 	// Name is the module's short name in logs and D-Bus object paths;
 	// always matches [A-Za-z0-9_-]+ and is unique within one list.
 	Name string
@@ -50,36 +95,50 @@ type ModuleConfig struct {
 	// Isolate: load the module through p11-kit remote in a child process
 	// (crash isolation). Only config modules can set it.
 	Isolate bool
-	// From is one of the ModuleFrom* constants.
+	// From is one of the From* constants.
 	From string
-	// Critical is p11-kit's "critical: yes": the module's owner considers
-	// it required. Always false for config and flag modules.
+	// Critical is p11-kit's "critical: yes": the registry says the module
+	// is required, and p11-kit itself gives up when such a module fails.
+	// Whoever loads the module should report its failure to load or
+	// initialize as an error rather than a warning (slotwatch still goes
+	// on with the other modules). Always false for config and flag
+	// modules.
 	Critical bool
+	// InitReserved is p11-kit's "x-init-reserved" value, which p11-kit
+	// passes to the module's C_Initialize as CK_C_INITIALIZE_ARGS
+	// pReserved (a non-standard use some modules read options from).
+	// It is carried for the module loader and for messages only:
+	// slotwatch does not pass it to C_Initialize today, so a module that
+	// needs it behaves as if it were not set. "" when unset and when set
+	// to an empty value (p11-kit passes an empty string for the latter).
+	// Always "" for config and flag modules.
+	InitReserved string
 	// Source says where the module was defined, for messages:
 	// "FILE:LINE" of its [module] section, the p11-kit .module file(s)
 	// it was read from (comma separated), or "--module".
 	Source string
 }
 
-// DefaultConfig is what slotwatch runs with when there is no config file:
-// no removal action, scope login-token, no notifications, no [module]
-// sections (so p11-kit's registry supplies the modules).
-func DefaultConfig() *Config {
+// Default is what slotwatch runs with when there is no config file:
+// no removal action, scope login-token, no notifications, DefaultLimits,
+// no [module] sections (so p11-kit's registry supplies the modules).
+func Default() *Config {
 	return &Config{
 		RemovalAction: policy.ActionNone,
 		RemovalScope:  policy.Scope{Kind: policy.ScopeLoginToken},
+		Limits:        DefaultLimits(),
 	}
 }
 
-// ConfigError is a problem in a config or p11-kit .module file. Error()
+// Error is a problem in a config or p11-kit .module file. Error()
 // reads "FILE:LINE: message" ("FILE: message" when Line is 0).
-type ConfigError struct {
+type Error struct {
 	File string
 	Line int
 	Msg  string
 }
 
-func (e *ConfigError) Error() string {
+func (e *Error) Error() string {
 	if e.Line > 0 {
 		return fmt.Sprintf("%s:%d: %s", e.File, e.Line, e.Msg)
 	}
@@ -88,11 +147,23 @@ func (e *ConfigError) Error() string {
 
 // The keys the config file knows, in the order error messages list them.
 var (
-	configTopKeys    = []string{"removal-action", "removal-scope", "notify"}
-	configModuleKeys = []string{"path", "isolate"}
+	topKeys = []string{
+		"removal-action", "removal-scope", "notify",
+		"max-sessions-per-token", "max-concurrent-calls", "max-find-results", "token-wait",
+	}
+	moduleKeys = []string{"path", "isolate"}
 )
 
-// ParseConfig parses a config file read from r; name is the file's name in
+// The ranges of the limit keys (inclusive; token-wait must also be more
+// than 0).
+const (
+	maxSessionsPerToken = 1024
+	maxConcurrentCalls  = 256
+	maxFindResults      = 100000
+	maxTokenWait        = 60 * time.Second
+)
+
+// Parse parses a config file read from r; name is the file's name in
 // error messages and Config.Source.
 //
 // Grammar, line by line (leading and trailing white space is ignored):
@@ -102,16 +173,30 @@ var (
 //	[module NAME]         starts a module section; NAME is [A-Za-z0-9_-]+
 //	key = value           module keys: path (required, absolute), isolate
 //
+// Top-level keys and their values:
+//
+//	removal-action          none | lock-screen | force-logout
+//	removal-scope           login-token | any | serial:SERIAL[,SERIAL...]
+//	notify                  true | false
+//	max-sessions-per-token  a whole number, 1 to 1024       (Limits.SessionsPerToken)
+//	max-concurrent-calls    a whole number, 1 to 256        (Limits.ConcurrentCalls)
+//	max-find-results        a whole number, 1 to 100000     (Limits.FindResults)
+//	token-wait              seconds, digits with an optional decimal
+//	                        fraction (5, 0.5), more than 0 and at most 60
+//	                        (Limits.TokenWait)
+//
+// Keys not given keep their Default values.
+//
 // Unknown keys and sections, bad values, a key or section given twice, a
 // module section without path, two sections with the same path, and any
-// other line are errors, reported as *ConfigError with the line number.
+// other line are errors, reported as *Error with the line number.
 // Parsing stops at the first error.
-func ParseConfig(r io.Reader, name string) (*Config, error) {
+func Parse(r io.Reader, name string) (*Config, error) {
 	if name == "" {
 		name = "config"
 	}
-	p := &configParser{
-		cfg:      DefaultConfig(),
+	p := &parser{
+		cfg:      Default(),
 		file:     name,
 		topLines: map[string]int{},
 		sections: map[string]int{},
@@ -133,7 +218,7 @@ func ParseConfig(r io.Reader, name string) (*Config, error) {
 		if errors.Is(err, bufio.ErrTooLong) {
 			return nil, p.errorf(p.line+1, "line too long")
 		}
-		return nil, &ConfigError{File: name, Msg: err.Error()}
+		return nil, &Error{File: name, Msg: err.Error()}
 	}
 	if err := p.endSection(); err != nil {
 		return nil, err
@@ -141,7 +226,7 @@ func ParseConfig(r io.Reader, name string) (*Config, error) {
 	return p.cfg, nil
 }
 
-type configParser struct {
+type parser struct {
 	cfg      *Config
 	file     string
 	line     int
@@ -152,17 +237,17 @@ type configParser struct {
 
 // moduleSection is the module section being read.
 type moduleSection struct {
-	mod  ModuleConfig
+	mod  Module
 	line int            // line of the [module NAME] header
 	keys map[string]int // key → line it was set on
 }
 
-func (p *configParser) errorf(line int, format string, args ...any) error {
-	return &ConfigError{File: p.file, Line: line, Msg: fmt.Sprintf(format, args...)}
+func (p *parser) errorf(line int, format string, args ...any) error {
+	return &Error{File: p.file, Line: line, Msg: fmt.Sprintf(format, args...)}
 }
 
-func (p *configParser) parseLine(text string) error {
-	text = strings.TrimSpace(stripConfigComment(text))
+func (p *parser) parseLine(text string) error {
+	text = strings.TrimSpace(stripComment(text))
 	if text == "" {
 		return nil
 	}
@@ -183,10 +268,10 @@ func (p *configParser) parseLine(text string) error {
 	return p.setModuleKey(key, value)
 }
 
-// stripConfigComment cuts a "#" comment off a line: one at the start, or
+// stripComment cuts a "#" comment off a line: one at the start, or
 // one preceded by white space. A "#" inside a word (a path such as
 // /opt/a#b.so) is part of the value.
-func stripConfigComment(s string) string {
+func stripComment(s string) string {
 	for i := 0; i < len(s); i++ {
 		if s[i] == '#' && (i == 0 || s[i-1] == ' ' || s[i-1] == '\t') {
 			return s[:i]
@@ -195,7 +280,7 @@ func stripConfigComment(s string) string {
 	return s
 }
 
-func (p *configParser) parseSection(text string) error {
+func (p *parser) parseSection(text string) error {
 	if !strings.HasSuffix(text, "]") {
 		return p.errorf(p.line, "malformed section header %q (want \"[module NAME]\")", text)
 	}
@@ -222,7 +307,7 @@ func (p *configParser) parseSection(text string) error {
 	}
 	p.sections[name] = p.line
 	p.cur = &moduleSection{
-		mod:  ModuleConfig{Name: name, From: ModuleFromConfig, Source: fmt.Sprintf("%s:%d", p.file, p.line)},
+		mod:  Module{Name: name, From: FromFile, Source: fmt.Sprintf("%s:%d", p.file, p.line)},
 		line: p.line,
 		keys: map[string]int{},
 	}
@@ -230,7 +315,7 @@ func (p *configParser) parseSection(text string) error {
 }
 
 // endSection checks the section being read and appends its module.
-func (p *configParser) endSection() error {
+func (p *parser) endSection() error {
 	s := p.cur
 	if s == nil {
 		return nil
@@ -243,9 +328,9 @@ func (p *configParser) endSection() error {
 	return nil
 }
 
-func (p *configParser) setTopKey(key, value string) error {
-	if !slices.Contains(configTopKeys, key) {
-		return p.errorf(p.line, "unknown key %q (known: %s)", key, strings.Join(configTopKeys, ", "))
+func (p *parser) setTopKey(key, value string) error {
+	if !slices.Contains(topKeys, key) {
+		return p.errorf(p.line, "unknown key %q (known: %s)", key, strings.Join(topKeys, ", "))
 	}
 	if first, dup := p.topLines[key]; dup {
 		return p.errorf(p.line, "duplicate key %q (first set on line %d)", key, first)
@@ -267,22 +352,64 @@ func (p *configParser) setTopKey(key, value string) error {
 		}
 		p.cfg.RemovalScope = scope
 	case "notify":
-		b, err := parseConfigBool(key, value)
+		b, err := parseBool(key, value)
 		if err != nil {
 			return p.errorf(p.line, "%v", err)
 		}
 		p.cfg.Notify = b
+	case "max-sessions-per-token":
+		return p.setInt(&p.cfg.Limits.SessionsPerToken, key, value, maxSessionsPerToken)
+	case "max-concurrent-calls":
+		return p.setInt(&p.cfg.Limits.ConcurrentCalls, key, value, maxConcurrentCalls)
+	case "max-find-results":
+		return p.setInt(&p.cfg.Limits.FindResults, key, value, maxFindResults)
+	case "token-wait":
+		d, err := parseTokenWait(value)
+		if err != nil {
+			return p.errorf(p.line, "%v", err)
+		}
+		p.cfg.Limits.TokenWait = d
 	}
 	return nil
 }
 
-func (p *configParser) setModuleKey(key, value string) error {
+// setInt sets *dst to value, a whole number from 1 to hi written in
+// decimal digits (no sign, no blanks inside).
+func (p *parser) setInt(dst *int, key, value string, hi int) error {
+	if value == "" || strings.Trim(value, "0123456789") != "" {
+		return p.errorf(p.line, "bad value %q for %s (want a whole number from 1 to %d)", value, key, hi)
+	}
+	n, err := strconv.ParseUint(value, 10, 64)
+	if err != nil || n < 1 || n > uint64(hi) {
+		return p.errorf(p.line, "%s = %s is out of range (want a whole number from 1 to %d)", key, value, hi)
+	}
+	*dst = int(n)
+	return nil
+}
+
+// parseTokenWait reads token-wait: seconds as decimal digits with an
+// optional fraction ("5", "0.5", "2.25"; no sign, exponent or unit),
+// more than 0 and at most 60. Digits beyond nanoseconds are dropped.
+func parseTokenWait(value string) (time.Duration, error) {
+	whole, frac, hasDot := strings.Cut(value, ".")
+	if whole == "" || strings.Trim(whole, "0123456789") != "" ||
+		hasDot && (frac == "" || strings.Trim(frac, "0123456789") != "") {
+		return 0, fmt.Errorf("bad value %q for token-wait (want seconds such as 5 or 0.5, more than 0 and at most 60)", value)
+	}
+	d, err := time.ParseDuration(value + "s")
+	if err != nil || d <= 0 || d > maxTokenWait {
+		return 0, fmt.Errorf("token-wait = %s is out of range (want seconds, more than 0 and at most 60)", value)
+	}
+	return d, nil
+}
+
+func (p *parser) setModuleKey(key, value string) error {
 	s := p.cur
-	if !slices.Contains(configModuleKeys, key) {
-		if slices.Contains(configTopKeys, key) {
+	if !slices.Contains(moduleKeys, key) {
+		if slices.Contains(topKeys, key) {
 			return p.errorf(p.line, "key %q is not a module key; top-level keys go before the first [module] section", key)
 		}
-		return p.errorf(p.line, "unknown key %q in [module %s] (known: %s)", key, s.mod.Name, strings.Join(configModuleKeys, ", "))
+		return p.errorf(p.line, "unknown key %q in [module %s] (known: %s)", key, s.mod.Name, strings.Join(moduleKeys, ", "))
 	}
 	if first, dup := s.keys[key]; dup {
 		return p.errorf(p.line, "duplicate key %q in [module %s] (first set on line %d)", key, s.mod.Name, first)
@@ -304,7 +431,7 @@ func (p *configParser) setModuleKey(key, value string) error {
 		}
 		s.mod.Path = path
 	case "isolate":
-		b, err := parseConfigBool(key, value)
+		b, err := parseBool(key, value)
 		if err != nil {
 			return p.errorf(p.line, "%v", err)
 		}
@@ -313,7 +440,7 @@ func (p *configParser) setModuleKey(key, value string) error {
 	return nil
 }
 
-func parseConfigBool(key, value string) (bool, error) {
+func parseBool(key, value string) (bool, error) {
 	switch value {
 	case "true":
 		return true, nil
@@ -394,8 +521,8 @@ func userConfigHome() string {
 	return filepath.Join(home, ".config")
 }
 
-// ConfigSearchPath lists the files LoadConfig("") tries, in order.
-func ConfigSearchPath() []string {
+// SearchPath lists the files Load("") tries, in order.
+func SearchPath() []string {
 	var paths []string
 	if d := userConfigHome(); d != "" {
 		paths = append(paths, filepath.Join(d, "slotwatch", "slotwatch.conf"))
@@ -403,34 +530,34 @@ func ConfigSearchPath() []string {
 	return append(paths, systemConfigFile)
 }
 
-// LoadConfig reads the config file at path. With path "", it reads the
-// first file of ConfigSearchPath that exists ($XDG_CONFIG_HOME/slotwatch/
+// Load reads the config file at path. With path "", it reads the
+// first file of SearchPath that exists ($XDG_CONFIG_HOME/slotwatch/
 // slotwatch.conf, then /etc/slotwatch/slotwatch.conf) — the first one found
-// is the whole config, files are not merged — and returns DefaultConfig if
+// is the whole config, files are not merged — and returns Default if
 // neither exists. A file that exists but cannot be read is an error either
 // way, and so is an explicitly given path that does not exist.
-func LoadConfig(path string) (*Config, error) {
+func Load(path string) (*Config, error) {
 	if path != "" {
-		return loadConfigFile(path)
+		return loadFile(path)
 	}
-	for _, p := range ConfigSearchPath() {
-		cfg, err := loadConfigFile(p)
+	for _, p := range SearchPath() {
+		cfg, err := loadFile(p)
 		if errors.Is(err, fs.ErrNotExist) {
 			continue
 		}
 		return cfg, err
 	}
-	return DefaultConfig(), nil
+	return Default(), nil
 }
 
-func loadConfigFile(path string) (*Config, error) {
+func loadFile(path string) (*Config, error) {
 	f, err := os.Open(path)
 	if err != nil {
 		return nil, fmt.Errorf("config: %w", err)
 	}
 	defer f.Close()
 	if st, err := f.Stat(); err == nil && st.IsDir() {
-		return nil, &ConfigError{File: path, Msg: "is a directory, not a config file"}
+		return nil, &Error{File: path, Msg: "is a directory, not a config file"}
 	}
-	return ParseConfig(f, path)
+	return Parse(f, path)
 }
