@@ -5,9 +5,11 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"strings"
 	"testing"
 
 	"github.com/miekg/pkcs11"
+	"github.com/slotwatch/slotwatch/tests/faultmod"
 	"github.com/slotwatch/slotwatch/tests/stack"
 )
 
@@ -26,6 +28,7 @@ const (
 const openSCModule = "/usr/lib/x86_64-linux-gnu/pkcs11/opensc-pkcs11.so"
 
 var (
+	fmSocket  string // faultmod's control socket (FAULTMOD_CONTROL), set before any load
 	hsm       *stack.SoftHSM
 	hsmErr    error // why there is no SoftHSM store, reported by every test that needs it
 	keyGenErr error // why there is no key pair on alpha (only the Sign test needs it)
@@ -33,9 +36,11 @@ var (
 
 // TestMain creates a private SoftHSM store with two tokens before anything
 // initializes SoftHSM in this process (SoftHSM reads SOFTHSM2_CONF, and sees
-// tokens made by another process, only at C_Initialize), and points
-// libpcsclite at a socket that does not exist, so OpenSC never reaches the
-// machine's pcscd (libpcsclite reads the variable once per process).
+// tokens made by another process, only at C_Initialize), points libpcsclite
+// at a socket that does not exist, so OpenSC never reaches the machine's
+// pcscd (libpcsclite reads the variable once per process), and gives
+// faultmod (one instance per process, faultmod_test.go) a private control
+// socket.
 func TestMain(m *testing.M) {
 	dir, err := os.MkdirTemp("", "slotwatch-module-test-")
 	if err != nil {
@@ -52,6 +57,13 @@ func TestMain(m *testing.M) {
 			os.Setenv("SOFTHSM2_CONF", hsm.Conf)
 		}
 		os.Setenv("PCSCLITE_CSOCK_NAME", filepath.Join(dir, "no-pcscd", "pcscd.comm"))
+		// faultmod reads these once, at its first call in this process;
+		// only faultmod reads them.
+		fmSocket = filepath.Join(dir, "faultmod.sock")
+		for _, kv := range faultmod.Env(fmSocket, fmSlots) {
+			k, v, _ := strings.Cut(kv, "=")
+			os.Setenv(k, v)
+		}
 	}
 	code := m.Run()
 	os.RemoveAll(dir)

@@ -5,11 +5,13 @@
 //   - the library's lifetime in this process: a refcounted, goroutine-safe
 //     Initialize/Finalize, so one holder's Finalize never pulls the module out
 //     from under another (the p11-kit "managed module" problem);
-//   - every session slotwatch opens on it, in a registry that records who
-//     (a caller id, later a D-Bus unique name) opened it on which token
-//     generation, so that closing "all sessions" closes only the caller's own,
-//     "who holds a session" has an answer, and a dead generation's handles are
-//     retired and reclaimed without ever reaching the module again;
+//   - every session slotwatch opens on it, in a registry that records on
+//     which slot and token generation it was opened (and, as a label for
+//     logs, for whom), so that "which sessions are open on this slot" has an
+//     answer, a dead generation's handles are retired and reclaimed without
+//     ever reaching the module again, and a handle value the module reuses
+//     never reaches it through a stale record. Which caller holds which
+//     session, and closing a caller's sessions, is the broker's business;
 //   - the mapping of CKR_* return values to Go errors (errors.go);
 //   - logging of every PKCS#11 call with secrets redacted (calllog.go).
 //
@@ -32,10 +34,6 @@
 //     unloaded library. WaitForSlotEvent alone does not hold it while
 //     blocked (it holds its own reference to the library instead), because
 //     C_Finalize is how a blocked wait is cancelled.
-//     2b. Module.handles: an RWMutex over session handle values. Every call
-//     that passes a session handle to the module holds it for reading;
-//     OpenSession holds it for writing from C_OpenSession until it has
-//     checked the handle it got (see OpenSession: handle reuse).
 //  3. The slot lock, one per slot id: OpenSession, InitToken and
 //     ReclaimSlot's C_CloseAllSessions, so no session of ours can appear on
 //     a slot between the check and the call.
@@ -43,12 +41,23 @@
 //     because a PKCS#11 session runs one operation at a time
 //     (FindObjectsInit/FindObjects/FindObjectsFinal must not interleave),
 //     and so that closing a session waits for a call still using its handle.
-//  5. Module.regMu: the registry maps. A leaf: never held across a C call
-//     or while acquiring another lock.
+//  5. Module.regMu: the registry maps, each record's stale flag, and the
+//     open gate (Module.opening, with Module.gate, a sync.Cond on regMu). A
+//     leaf: never held across a C call or while acquiring another lock.
+//     Waiting at the gate releases it.
+//
+// The open gate (see OpenSession, "Handle reuse") is shut while any
+// C_OpenSession is in progress. Every C call on a session handle passes it
+// right before the call (session.enter), holding life and session.mu, and
+// waits while it is shut; calls already inside the module are not waited
+// for. That wait cannot deadlock: an OpenSession shuts the gate only once it
+// holds life and its slot lock, and until it reopens the gate it takes
+// nothing but regMu.
 //
 // So a slow C call (a PIN pad login) holds up only its own session and the
 // last Finalize, which waits for it (and while that Finalize waits, new calls
-// queue behind it: sync.RWMutex lets a waiting writer go first).
+// queue behind it: sync.RWMutex lets a waiting writer go first). Calls on
+// other sessions wait at most for C_OpenSession calls to return.
 package module
 
 import (
@@ -85,8 +94,6 @@ type Module struct {
 	refMu sync.Mutex // order 1
 	refs  int        // Initialize calls without their Finalize
 
-	handles sync.RWMutex // order 2b; see OpenSession
-
 	life sync.RWMutex // order 2; guards ctx and lib
 	ctx  *pkcs11.Ctx  // nil while not loaded and initialized
 	lib  libRef       // our own reference and function list, while loaded
@@ -96,6 +103,8 @@ type Module struct {
 	nextID    uint64               // last registry id handed out; never reset
 	slotLocks map[uint]*sync.Mutex // order 3; created on first use, never removed
 	retired   map[uint]uint64      // per slot: highest dead generation (RetireGeneration, ReclaimSlot)
+	opening   int                  // C_OpenSession calls in progress: the open gate is shut while > 0
+	gate      sync.Cond            // L is &regMu; broadcast when opening drops to 0
 }
 
 // Open returns the Module for the library at path. It is cheap and loads
@@ -109,7 +118,7 @@ func Open(path string, opts Options) *Module {
 	if name == "" {
 		name = path
 	}
-	return &Module{
+	m := &Module{
 		name:      name,
 		isolate:   opts.Isolate,
 		path:      path,
@@ -118,6 +127,8 @@ func Open(path string, opts Options) *Module {
 		slotLocks: make(map[uint]*sync.Mutex),
 		retired:   make(map[uint]uint64),
 	}
+	m.gate.L = &m.regMu
+	return m
 }
 
 // Name is the short name from Options (the path if none was given).

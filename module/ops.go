@@ -1,6 +1,7 @@
 package module
 
 import (
+	"fmt"
 	"log/slog"
 	"time"
 
@@ -8,9 +9,12 @@ import (
 )
 
 // Operations on a registered session. Each holds the session's lock for its
-// C calls (see withSession); an id that is not in the registry gives
-// ErrNoSuchSession, a session of a retired generation ErrStaleGeneration,
-// both without a C call. The minimum the D-Bus Session object needs; more later.
+// C calls (see withSession) and passes enter right before each of them; an
+// id that is not in the registry, or a record whose handle value the module
+// gave to a newer session, gives ErrNoSuchSession, a session of a retired
+// generation ErrStaleGeneration, without a (further) C call: an operation
+// of several calls stops before the next one. The minimum the D-Bus Session
+// object needs; more later.
 
 // Login is C_Login with userType CKU_SO, CKU_USER or CKU_CONTEXT_SPECIFIC.
 // The module reads pin in place: it is not copied, not logged (only its
@@ -19,6 +23,9 @@ import (
 func (m *Module) Login(id uint64, userType uint, pin []byte) error {
 	const fn = "C_Login"
 	return m.withSession(fn, id, func(s *session) error {
+		if err := m.enter(fn, s); err != nil {
+			return err
+		}
 		start := time.Now()
 		rv := m.lib.login(s.Handle, userType, pin)
 		return m.result(fn, start, rvError(fn, rv),
@@ -30,6 +37,9 @@ func (m *Module) Login(id uint64, userType uint, pin []byte) error {
 func (m *Module) Logout(id uint64) error {
 	const fn = "C_Logout"
 	return m.withSession(fn, id, func(s *session) error {
+		if err := m.enter(fn, s); err != nil {
+			return err
+		}
 		start := time.Now()
 		return m.result(fn, start, m.ctx.Logout(s.Handle), sessionAttrs(s))
 	})
@@ -40,6 +50,9 @@ func (m *Module) SessionInfo(id uint64) (pkcs11.SessionInfo, error) {
 	const fn = "C_GetSessionInfo"
 	var info pkcs11.SessionInfo
 	err := m.withSession(fn, id, func(s *session) error {
+		if err := m.enter(fn, s); err != nil {
+			return err
+		}
 		start := time.Now()
 		var err error
 		info, err = m.ctx.GetSessionInfo(s.Handle)
@@ -59,11 +72,17 @@ const findBatch = 64
 
 // FindObjects runs one search (C_FindObjectsInit, C_FindObjects until done
 // or max handles, C_FindObjectsFinal) and returns the handles found. max <= 0
-// means no limit. The search is always finalized, so the session is left
-// free for the next operation even when a step fails.
+// means no limit. The search is finalized even when a step fails, so the
+// session is left free for the next operation — unless the record went stale
+// or its generation was retired meanwhile: then its handle must not reach the
+// module again, and the refusal (ErrNoSuchSession, ErrStaleGeneration) is
+// the result.
 func (m *Module) FindObjects(id uint64, template []*pkcs11.Attribute, max int) ([]pkcs11.ObjectHandle, error) {
 	var found []pkcs11.ObjectHandle
 	err := m.withSession("C_FindObjectsInit", id, func(s *session) error {
+		if err := m.enter("C_FindObjectsInit", s); err != nil {
+			return err
+		}
 		start := time.Now()
 		err := m.result("C_FindObjectsInit", start, m.ctx.FindObjectsInit(s.Handle, template),
 			sessionAttrs(s), slog.Any("template", attrList(template)))
@@ -75,6 +94,9 @@ func (m *Module) FindObjects(id uint64, template []*pkcs11.Attribute, max int) (
 			if max > 0 && max-len(found) < n {
 				n = max - len(found)
 			}
+			if err := m.enter("C_FindObjects", s); err != nil {
+				return err
+			}
 			start = time.Now()
 			batch, _, ferr := m.ctx.FindObjects(s.Handle, n)
 			if err = m.result("C_FindObjects", start, ferr, sessionAttrs(s), slog.Int("max", n), slog.Int("found", len(batch))); err != nil {
@@ -84,6 +106,12 @@ func (m *Module) FindObjects(id uint64, template []*pkcs11.Attribute, max int) (
 			if len(batch) < n {
 				break
 			}
+		}
+		if gerr := m.enter("C_FindObjectsFinal", s); gerr != nil {
+			if err != nil {
+				return fmt.Errorf("%w (after %v)", gerr, err)
+			}
+			return gerr
 		}
 		start = time.Now()
 		ferr := m.result("C_FindObjectsFinal", start, m.ctx.FindObjectsFinal(s.Handle), sessionAttrs(s))
@@ -107,6 +135,9 @@ func (m *Module) GetAttributes(id uint64, obj pkcs11.ObjectHandle, attrs []*pkcs
 	}
 	var out []*pkcs11.Attribute
 	err := m.withSession(fn, id, func(s *session) error {
+		if err := m.enter(fn, s); err != nil {
+			return err
+		}
 		start := time.Now()
 		var err error
 		out, err = m.ctx.GetAttributeValue(s.Handle, obj, attrs)
@@ -128,10 +159,16 @@ func (m *Module) Sign(id uint64, mech *pkcs11.Mechanism, key pkcs11.ObjectHandle
 	}
 	var sig []byte
 	err := m.withSession("C_SignInit", id, func(s *session) error {
+		if err := m.enter("C_SignInit", s); err != nil {
+			return err
+		}
 		start := time.Now()
 		err := m.result("C_SignInit", start, m.ctx.SignInit(s.Handle, []*pkcs11.Mechanism{mech}, key),
 			sessionAttrs(s), mechAttr(mech), slog.Uint64("key", uint64(key)))
 		if err != nil {
+			return err
+		}
+		if err := m.enter("C_Sign", s); err != nil {
 			return err
 		}
 		start = time.Now()

@@ -16,7 +16,7 @@ import (
 type Session struct {
 	ID         uint64               // registry id; never reused within a process
 	Handle     pkcs11.SessionHandle // the module's handle; module values can be reused, ID cannot
-	Owner      string               // caller id (a D-Bus unique name)
+	Owner      string               // who it was opened for, as given to OpenSession: a label for logs
 	Slot       uint
 	Generation uint64 // token generation the caller opened it on
 	ReadWrite  bool
@@ -24,11 +24,16 @@ type Session struct {
 }
 
 // session is a registry entry. The embedded Session never changes after
-// OpenSession; closed and the right to use Handle are guarded by mu.
+// OpenSession. The right to use Handle needs mu, closed false, and (checked
+// under regMu, by enter, right before each C call) stale false and a live
+// generation.
 type session struct {
 	Session
 	mu     sync.Mutex // lock order 4: held across every C call on Handle
-	closed bool       // Handle was closed or forgotten; must not reach the module again
+	closed bool       // guarded by mu: Handle was closed or forgotten; must not reach the module again
+	// stale is guarded by Module.regMu, not mu: OpenSession sets it while a
+	// call may be holding mu. The module gave Handle to a newer session.
+	stale bool
 }
 
 // slotLock returns the lock for slot (lock order 3).
@@ -43,9 +48,10 @@ func (m *Module) slotLock(slot uint) *sync.Mutex {
 	return l
 }
 
-// OpenSession opens a session on slot for owner, tagged with the token
-// generation the caller believes is in the slot. Sessions are always serial
-// (CKF_SERIAL_SESSION), read-write on request.
+// OpenSession opens a session on slot, tagged with the token generation the
+// caller believes is in the slot. Sessions are always serial
+// (CKF_SERIAL_SESSION), read-write on request. owner is only a label: it
+// goes into the call log and the Session record.
 //
 // A generation already retired on this slot (RetireGeneration, ReclaimSlot)
 // is refused with ErrStaleGeneration: the token now in the slot is a
@@ -53,12 +59,32 @@ func (m *Module) slotLock(slot uint) *sync.Mutex {
 //
 // Handle reuse: when a token is pulled, the module frees its sessions'
 // handles at once, before slotwatch learns of the removal, and may hand the
-// same value to the next session opened — on any slot. A session record
-// still holding that value would then reach the new session. So
-// OpenSession runs alone among handle-using calls (handles, for writing),
-// and any live record holding the value the module just handed out is
-// stale: it is closed without a C call, so that its next call fails before
-// reaching the module.
+// same value to the next session opened — on any slot. A record still
+// holding that value must then never pass it to the module again. So from
+// just before C_OpenSession until the check after it returns, the open gate
+// is shut: no new C call on a session handle starts (enter waits; not for
+// long, C_OpenSession does no card I/O). Once C_OpenSession has returned,
+// any live record holding the value it handed out is stale: it is marked
+// stale (under regMu: a call running on it may hold its lock) and
+// forgotten. Every C call passes the gate and checks that mark right before
+// it is made, not only the first of an operation, so an operation under way
+// on a stale record (C_FindObjects then C_FindObjectsFinal, C_SignInit then
+// C_Sign) fails with ErrNoSuchSession before its next call.
+//
+// Calls already inside the module when C_OpenSession begins are not waited
+// for, so that a slow call (a PIN pad C_Login) on one slot does not hold up
+// sessions on every other. That is safe on one assumption about the module:
+// it resolves a session handle when a call enters it, so a call that entered
+// before C_OpenSession began acts on (or fails on) the session its handle
+// named then, and cannot reach the session C_OpenSession creates. PKCS#11
+// does not promise it; OpenSC and SoftHSM2 look the handle up first thing
+// (OpenSC under its global lock, which it then keeps for the whole call).
+// faultmod, told to sleep in a function, sleeps before it looks the handle
+// up, so a call sleeping there is not covered. The window left on our side
+// is between a call passing the gate and entering the module: a few
+// instructions, harmful only if the goroutine stalls right there for a whole
+// C_OpenSession that hands out the value of a handle whose token was pulled
+// meanwhile.
 func (m *Module) OpenSession(owner string, slot uint, generation uint64, readWrite bool) (*Session, error) {
 	const fn = "C_OpenSession"
 	m.life.RLock()
@@ -66,8 +92,6 @@ func (m *Module) OpenSession(owner string, slot uint, generation uint64, readWri
 	if m.ctx == nil {
 		return nil, notInitialized(fn)
 	}
-	m.handles.Lock()
-	defer m.handles.Unlock()
 	sl := m.slotLock(slot)
 	sl.Lock()
 	defer sl.Unlock()
@@ -80,6 +104,19 @@ func (m *Module) OpenSession(owner string, slot uint, generation uint64, readWri
 	if readWrite {
 		flags |= pkcs11.CKF_RW_SESSION
 	}
+	// Shut the gate; it opens again once the stale records are marked
+	// below. From here on take nothing but regMu (see the lock order).
+	m.regMu.Lock()
+	m.opening++
+	m.regMu.Unlock()
+	defer func() {
+		m.regMu.Lock()
+		m.opening--
+		if m.opening == 0 {
+			m.gate.Broadcast()
+		}
+		m.regMu.Unlock()
+	}()
 	start := time.Now()
 	h, err := m.ctx.OpenSession(slot, flags)
 	err = m.result(fn, start, err, slog.Uint64("slot", uint64(slot)), slog.Bool("read_write", readWrite),
@@ -92,11 +129,9 @@ func (m *Module) OpenSession(owner string, slot uint, generation uint64, readWri
 	defer m.regMu.Unlock()
 	for id, old := range m.sessions {
 		if old.Handle == h {
-			// No call runs on it (we hold handles for writing), so its
-			// lock is free and closing it here is final.
-			old.mu.Lock()
-			old.closed = true
-			old.mu.Unlock()
+			// A call running on it entered the module before
+			// C_OpenSession began; its next one stops in enter.
+			old.stale = true
 			delete(m.sessions, id)
 			if m.log != nil {
 				m.log.Debug("session handle reused by the module: the older session's token is gone",
@@ -119,11 +154,33 @@ func (m *Module) OpenSession(owner string, slot uint, generation uint64, readWri
 	return &out, nil
 }
 
+// enter is what every C call on s.Handle does right before the call, with
+// life held for reading and s.mu held: it waits while the open gate is shut
+// (OpenSession), then refuses if the record went stale (its handle value now
+// belongs to a newer session: ErrNoSuchSession) or its generation was
+// retired (ErrStaleGeneration). fn names the C function about to be called.
+func (m *Module) enter(fn string, s *session) error {
+	m.regMu.Lock()
+	defer m.regMu.Unlock()
+	for m.opening > 0 {
+		m.gate.Wait()
+	}
+	if s.stale {
+		return fmt.Errorf("%s: session %d: the module gave its handle %d to a newer session: %w",
+			fn, s.ID, s.Handle, ErrNoSuchSession)
+	}
+	if floor, ok := m.retired[s.Slot]; ok && s.Generation <= floor {
+		return fmt.Errorf("%s: session %d (slot %d, generation %d): %w", fn, s.ID, s.Slot, s.Generation, ErrStaleGeneration)
+	}
+	return nil
+}
+
 // CloseSession closes one session (C_CloseSession) and forgets it. It waits
 // for a call still running on the session. The record is forgotten even if
 // the module reports an error (a removed token's sessions are already gone
-// on its side). A session of a retired generation is only forgotten: its
-// handle never reaches the module again.
+// on its side). A session of a retired generation, or whose handle value the
+// module has given to a newer session, is only forgotten: its handle never
+// reaches the module again.
 func (m *Module) CloseSession(id uint64) error {
 	m.life.RLock()
 	defer m.life.RUnlock()
@@ -143,63 +200,54 @@ func (m *Module) CloseSession(id uint64) error {
 // closeOne closes a session already removed from the registry. Called with
 // life held for reading.
 func (m *Module) closeOne(s *session) error {
-	m.handles.RLock()
-	defer m.handles.RUnlock()
+	const fn = "C_CloseSession"
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	if s.closed {
 		return nil // reclaimed or closed meanwhile: its handle must not be used
 	}
 	s.closed = true
-	if m.isRetired(s.Slot, s.Generation) {
-		// Dead generation: the module may already have given this handle
-		// value to a newer session. Forget it; ReclaimSlot's
-		// C_CloseAllSessions frees it on the module's side.
+	if err := m.enter(fn, s); err != nil {
+		// Stale, or a dead generation: the module may already have given
+		// this handle value to a newer session. Forget it; the module freed
+		// a stale one's session with its token, and ReclaimSlot's
+		// C_CloseAllSessions frees a dead generation's.
 		return nil
 	}
 	start := time.Now()
-	return m.result("C_CloseSession", start, m.ctx.CloseSession(s.Handle), sessionAttrs(s))
+	return m.result(fn, start, m.ctx.CloseSession(s.Handle), sessionAttrs(s))
 }
 
-// CloseAllSessions closes owner's sessions on slot, one C_CloseSession each,
-// and leaves everybody else's alone. It never calls C_CloseAllSessions, which
-// would close every caller's sessions on the slot. (Sessions of a retired
-// generation are only forgotten, as in CloseSession.) It returns how many
-// sessions it closed and the first error the module reported (all of them
-// are forgotten regardless).
+// CloseAllSessions closes owner's sessions on slot, one C_CloseSession each
+// (as CloseSession), and leaves the others alone; it never calls
+// C_CloseAllSessions. It returns how many it closed and the first error
+// (all of them are forgotten regardless).
+//
+// Deprecated: which caller holds which session is the broker's to track;
+// it closes its callers' sessions with CloseSession. This stays only until
+// its last user outside this package (tests/module_opensc_test.go) moves.
 func (m *Module) CloseAllSessions(owner string, slot uint) (closed int, err error) {
-	return m.closeWhere("CloseAllSessions", func(s *session) bool { return s.Owner == owner && s.Slot == slot })
-}
-
-// CloseOwnerSessions closes every session owner holds, on every slot: what
-// to do when the owner's bus connection goes away.
-func (m *Module) CloseOwnerSessions(owner string) (closed int, err error) {
-	return m.closeWhere("CloseOwnerSessions", func(s *session) bool { return s.Owner == owner })
-}
-
-func (m *Module) closeWhere(what string, match func(*session) bool) (int, error) {
 	m.life.RLock()
 	defer m.life.RUnlock()
 	if m.ctx == nil {
-		return 0, notInitialized(what)
+		return 0, notInitialized("CloseAllSessions")
 	}
 	var victims []*session
 	m.regMu.Lock()
 	for id, s := range m.sessions {
-		if match(s) {
+		if s.Owner == owner && s.Slot == slot {
 			victims = append(victims, s)
 			delete(m.sessions, id)
 		}
 	}
 	m.regMu.Unlock()
 	slices.SortFunc(victims, func(a, b *session) int { return cmp.Compare(a.ID, b.ID) })
-	var first error
 	for _, s := range victims {
-		if err := m.closeOne(s); err != nil && first == nil {
-			first = err
+		if cerr := m.closeOne(s); cerr != nil && err == nil {
+			err = cerr
 		}
 	}
-	return len(victims), first
+	return len(victims), err
 }
 
 // RetireGeneration marks every generation <= gen on slot dead, at once and
@@ -332,17 +380,16 @@ func (m *Module) Session(id uint64) (Session, bool) {
 	return s.Session, true
 }
 
-// withSession runs f with session id's handle, holding the module (life, for
-// reading) and the session's lock, so the handle is live and used by one
-// call at a time. fn names the PKCS#11 function for errors.
+// withSession runs f with session id's record, holding the module (life, for
+// reading) and the session's lock, so that the session runs one operation at
+// a time and a close waits for it. f calls enter right before each of its C
+// calls. fn names the PKCS#11 function for errors.
 func (m *Module) withSession(fn string, id uint64, f func(s *session) error) error {
 	m.life.RLock()
 	defer m.life.RUnlock()
 	if m.ctx == nil {
 		return notInitialized(fn)
 	}
-	m.handles.RLock()
-	defer m.handles.RUnlock()
 	m.regMu.Lock()
 	s, ok := m.sessions[id]
 	m.regMu.Unlock()
@@ -353,9 +400,6 @@ func (m *Module) withSession(fn string, id uint64, f func(s *session) error) err
 	defer s.mu.Unlock()
 	if s.closed {
 		return fmt.Errorf("%s: session %d: %w", fn, id, ErrNoSuchSession)
-	}
-	if m.isRetired(s.Slot, s.Generation) {
-		return fmt.Errorf("%s: session %d (slot %d, generation %d): %w", fn, id, s.Slot, s.Generation, ErrStaleGeneration)
 	}
 	return f(s)
 }

@@ -12,9 +12,10 @@ import (
 	"github.com/miekg/pkcs11"
 )
 
-// CloseAllSessions(owner) closes exactly owner's sessions, in the module too,
-// and the other owner's sessions keep working.
-func TestCloseAllSessionsIsPerOwner(t *testing.T) {
+// CloseSession closes exactly the session it is given, in the module too
+// (never with C_CloseAllSessions, which would log everybody out), and the
+// other sessions on the token keep working.
+func TestCloseSessionLeavesOthers(t *testing.T) {
 	m := openSoftHSM(t, Options{})
 	raw := rawCtx(t)
 	slot := slotOf(t, m, alphaLabel)
@@ -39,9 +40,10 @@ func TestCloseAllSessionsIsPerOwner(t *testing.T) {
 		t.Fatalf("Login: %v", err)
 	}
 
-	n, err := m.CloseAllSessions(":1.10", slot)
-	if err != nil || n != 2 {
-		t.Fatalf("CloseAllSessions(A) = %d, %v", n, err)
+	for _, s := range []*Session{a1, a2} {
+		if err := m.CloseSession(s.ID); err != nil {
+			t.Fatalf("CloseSession(A's %d): %v", s.ID, err)
+		}
 	}
 
 	// The registry forgot A's sessions...
@@ -82,15 +84,22 @@ func TestCloseAllSessionsIsPerOwner(t *testing.T) {
 	if got := m.Sessions(); len(got) != 2 || got[0].ID != b1.ID || got[1].ID != b2.ID || got[0].Owner != ":1.11" {
 		t.Errorf("Sessions = %+v", got)
 	}
-	// Closing A's sessions again is a no-op.
-	if n, err := m.CloseAllSessions(":1.10", slot); n != 0 || err != nil {
-		t.Errorf("second CloseAllSessions = %d, %v", n, err)
-	}
+	// Closing A's sessions again only says they are gone.
 	if err := m.CloseSession(a1.ID); !errors.Is(err, ErrNoSuchSession) {
 		t.Errorf("CloseSession(closed) = %v", err)
 	}
-	if n, err := m.CloseOwnerSessions(":1.11"); n != 2 || err != nil {
-		t.Errorf("CloseOwnerSessions(B) = %d, %v", n, err)
+	// CloseAllSessions (deprecated, kept for tests/module_opensc_test.go)
+	// is CloseSession on each of the owner's sessions on the slot.
+	if n, err := m.CloseAllSessions(":1.10", slot); n != 0 || err != nil {
+		t.Errorf("CloseAllSessions(A, nothing left) = %d, %v", n, err)
+	}
+	if n, err := m.CloseAllSessions(":1.11", slot); n != 2 || err != nil {
+		t.Errorf("CloseAllSessions(B) = %d, %v", n, err)
+	}
+	for _, s := range []*Session{b1, b2} {
+		if _, err := raw.GetSessionInfo(s.Handle); err != pkcs11.Error(pkcs11.CKR_SESSION_HANDLE_INVALID) {
+			t.Errorf("module still knows B's handle %d: %v", s.Handle, err)
+		}
 	}
 }
 
