@@ -136,6 +136,14 @@ func New(gens Generations, mods Modules, opts Options) *Broker {
 	}
 }
 
+// SetObserver sets who is told of session changes, before the first
+// session opens (a face that needs the broker to be built first).
+func (b *Broker) SetObserver(o Observer) {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	b.obs = o
+}
+
 // Limits returns the limits in force.
 func (b *Broker) Limits() Limits { return b.limits }
 

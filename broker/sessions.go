@@ -312,6 +312,17 @@ func (b *Broker) TokenGone(gen uint64) {
 	}
 }
 
+// Session returns open session id.
+func (b *Broker) Session(id uint64) (SessionInfo, bool) {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	s, ok := b.sessions[id]
+	if !ok {
+		return SessionInfo{}, false
+	}
+	return s.info, true
+}
+
 // Sessions returns every open session, by id.
 func (b *Broker) Sessions() []SessionInfo {
 	b.mu.Lock()

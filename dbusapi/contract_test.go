@@ -1,6 +1,8 @@
 package dbusapi
 
 import (
+	"github.com/slotwatch/slotwatch/module"
+
 	"encoding/xml"
 	"reflect"
 	"slices"
@@ -96,10 +98,12 @@ func exportedMethods(v any) map[string]string {
 }
 
 // TestErrorNames: every error name the service can answer is in the
-// contract's list, and the table maps each internal error once.
+// contract's list (xml/ documents each), and the table maps each internal
+// error once.
 func TestErrorNames(t *testing.T) {
 	contract := []string{ErrTokenRemoved, ErrSessionsExist, ErrPinIncorrect, ErrPinLocked, ErrPinInvalid,
-		ErrNotLoggedIn, ErrAlreadyLoggedIn, ErrNotSupported, ErrModuleFailure, ErrBusy, ErrInvalidArgs, ErrAccessDenied}
+		ErrNotLoggedIn, ErrAlreadyLoggedIn, ErrNotSupported, ErrModuleFailure, ErrBusy, ErrCancelled,
+		ErrInvalidConfig, ErrInvalidArgs, ErrAccessDenied, ErrUnknownObject}
 	seen := map[error]bool{}
 	for _, e := range errorMap {
 		if !slices.Contains(contract, e.name) {
@@ -109,5 +113,42 @@ func TestErrorNames(t *testing.T) {
 			t.Errorf("%v is mapped twice", e.err)
 		}
 		seen[e.err] = true
+	}
+	for ckr, name := range ckrMap {
+		if !slices.Contains(contract, name) {
+			t.Errorf("%s maps to %s, which is not in the contract", ckr, name)
+		}
+	}
+}
+
+// TestEveryCKRHasOneName: every CK_RV of PKCS#11 v2.40 maps to a named
+// error without the "unmapped" fallback, and the table names no code that
+// does not exist.
+func TestEveryCKRHasOneName(t *testing.T) {
+	known := map[string]bool{}
+	for _, code := range module.Codes() {
+		name := module.CodeName(code)
+		known[name] = true
+		if _, mapped := errorName(&module.Error{Func: "C_Test", Code: code}); !mapped {
+			t.Errorf("%s (%#x) has no D-Bus error name", name, code)
+		}
+	}
+	for ckr := range ckrMap {
+		if !known[ckr] {
+			t.Errorf("ckrMap names %s, which PKCS#11 does not have", ckr)
+		}
+	}
+	// The codes the adversarial review found answered as a loud
+	// ModuleFailure.
+	for code, want := range map[uint]string{
+		0x50:  ErrCancelled,       // CKR_FUNCTION_CANCELED (PIN pad cancelled)
+		0xb8:  ErrSessionsExist,   // CKR_SESSION_READ_WRITE_SO_EXISTS
+		0x104: ErrAlreadyLoggedIn, // CKR_USER_TOO_MANY_TYPES
+		0x90:  ErrBusy,            // CKR_OPERATION_ACTIVE
+		0x82:  ErrBusy,            // CKR_OBJECT_HANDLE_INVALID
+	} {
+		if got, _ := errorName(&module.Error{Code: code}); got != want {
+			t.Errorf("%s answers %s, want %s", module.CodeName(code), got, want)
+		}
 	}
 }

@@ -75,7 +75,7 @@ func (s *Service) deadPath(path godbus.ObjectPath) *godbus.Error {
 	switch {
 	case ok && parent == tokensPath && n > 0 && n <= snap.LastGeneration:
 	case ok && parent == sessionsPath:
-		gen, issued, forgotten := s.sessions.generation(n)
+		gen, issued, forgotten := s.br.SessionGeneration(n)
 		if !issued {
 			return unknownObject(path)
 		}
@@ -127,7 +127,7 @@ func (d tokenDispatch) InitToken(msg godbus.Message, soPIN []byte, label string,
 	if t := d.live(msg); t != nil {
 		return t.InitToken(msg, soPIN, label, force)
 	}
-	wipe(soPIN)
+	wipeSecrets(msg, soPIN)
 	return d.s.dead(msg, TokenInterface, "InitToken")
 }
 
@@ -151,7 +151,7 @@ func (d sessionDispatch) Login(msg godbus.Message, userType uint32, pin []byte) 
 	if o := d.live(msg); o != nil {
 		return o.Login(msg, userType, pin)
 	}
-	wipe(pin)
+	wipeSecrets(msg, pin)
 	return d.s.dead(msg, SessionInterface, "Login")
 }
 
@@ -169,7 +169,7 @@ func (d sessionDispatch) Close(msg godbus.Message) *godbus.Error {
 	return d.s.dead(msg, SessionInterface, "Close")
 }
 
-func (d sessionDispatch) FindObjects(msg godbus.Message, template map[string]godbus.Variant) ([]foundObject, *godbus.Error) {
+func (d sessionDispatch) FindObjects(msg godbus.Message, template map[string]godbus.Variant) ([]map[string]godbus.Variant, *godbus.Error) {
 	if o := d.live(msg); o != nil {
 		return o.FindObjects(msg, template)
 	}

@@ -80,3 +80,24 @@ func lastElement(p godbus.ObjectPath) string {
 	}
 	return s
 }
+
+// generationOf parses the generation from a token path.
+func generationOf(p godbus.ObjectPath) (uint64, bool) {
+	g, err := strconv.ParseUint(lastElement(p), 10, 64)
+	return g, err == nil
+}
+
+// The paths of the contract, for clients in this repository that speak of
+// the monitor's objects as the daemon names them (slotwatch watch --json).
+
+// ModulePath is the object path of module name.
+func ModulePath(name string) godbus.ObjectPath { return modulePath(name) }
+
+// ReaderPath is the object path of reader name ("/" for "").
+func ReaderPath(name string) godbus.ObjectPath { return readerPath(name) }
+
+// SlotPath is the object path of slot k.
+func SlotPath(k monitor.SlotKey) godbus.ObjectPath { return slotPath(k) }
+
+// TokenPath is the object path of token generation gen.
+func TokenPath(gen uint64) godbus.ObjectPath { return tokenPath(gen) }

@@ -31,6 +31,10 @@ type objects struct {
 	conn *godbus.Conn
 	root godbus.ObjectPath // where the ObjectManager is; objects are below it
 
+	// emitMu orders changes: held from a change until its signal is
+	// sent, so InterfacesAdded, PropertiesChanged and InterfacesRemoved
+	// leave in the order the changes were made. Readers never take it.
+	emitMu sync.Mutex
 	mu     sync.RWMutex // guards byPath and every object's values
 	byPath map[godbus.ObjectPath]*object
 }
@@ -69,6 +73,8 @@ func (o *objects) add(path godbus.ObjectPath, ifaces ...iface) error {
 		}
 		obj.values[ifc.name] = vals
 	}
+	o.emitMu.Lock()
+	defer o.emitMu.Unlock()
 	o.mu.Lock()
 	if _, dup := o.byPath[path]; dup {
 		o.mu.Unlock()
@@ -83,6 +89,8 @@ func (o *objects) add(path godbus.ObjectPath, ifaces ...iface) error {
 // remove takes an object off the bus and announces it with
 // InterfacesRemoved.
 func (o *objects) remove(path godbus.ObjectPath) {
+	o.emitMu.Lock()
+	defer o.emitMu.Unlock()
 	o.mu.Lock()
 	obj, ok := o.byPath[path]
 	delete(o.byPath, path)
@@ -128,6 +136,8 @@ func (o *objects) get(path godbus.ObjectPath, name string) (vals map[string]godb
 // ones that really changed in one PropertiesChanged signal, so a
 // subscriber sees a reader's state and event count change together.
 func (o *objects) set(path godbus.ObjectPath, ifaceName string, values map[string]any) {
+	o.emitMu.Lock()
+	defer o.emitMu.Unlock()
 	o.mu.Lock()
 	obj, ok := o.byPath[path]
 	if !ok {

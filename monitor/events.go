@@ -77,6 +77,7 @@ type Subscription struct {
 	mu     sync.Mutex // guards all following fields
 	queue  []Event
 	closed bool
+	taken  uint64        // events Next has returned
 	ready  chan struct{} // has a value while queue is non-empty or closed
 }
 
@@ -109,6 +110,7 @@ func (s *Subscription) Next(ctx context.Context) (Event, error) {
 			ev := s.queue[0]
 			s.queue[0] = Event{}
 			s.queue = s.queue[1:]
+			s.taken++
 			if len(s.queue) > 0 {
 				s.signalLocked()
 			}
@@ -127,6 +129,15 @@ func (s *Subscription) Next(ctx context.Context) (Event, error) {
 			return Event{}, ctx.Err()
 		}
 	}
+}
+
+// Taken returns how many events Next has returned, and how many are queued
+// now. A subscriber that has handled that many events has handled every
+// event of every snapshot published so far.
+func (s *Subscription) Taken() (taken uint64, queued int) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.taken, len(s.queue)
 }
 
 // Close ends the subscription. Events not yet read are dropped.

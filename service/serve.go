@@ -15,9 +15,9 @@ import (
 	"github.com/coreos/go-systemd/v22/daemon"
 	godbus "github.com/godbus/dbus/v5"
 
+	"github.com/slotwatch/slotwatch/broker"
 	"github.com/slotwatch/slotwatch/config"
 	"github.com/slotwatch/slotwatch/dbusapi"
-	"github.com/slotwatch/slotwatch/module"
 	"github.com/slotwatch/slotwatch/monitor"
 	"github.com/slotwatch/slotwatch/policy"
 )
@@ -59,28 +59,8 @@ func runServe(args []string) error {
 	if len(mods) == 0 {
 		logger.Warn("no PKCS#11 module to watch: none given with --module, none in the config file or the p11-kit registry")
 	}
-	loaded := map[string]*module.Module{} // by path, so a reload keeps what it can
-	open := func(mods []config.Module) (map[string]*module.Module, []monitor.Module) {
-		byName := map[string]*module.Module{}
-		var watched []monitor.Module
-		for _, mc := range mods {
-			m, ok := loaded[mc.Path]
-			if !ok || m.Name() != mc.Name {
-				isolate := mc.Isolate || (*isolateFlag && mc.From == config.FromFlag)
-				opts := module.Options{Name: mc.Name, Isolate: isolate}
-				if *logCalls {
-					opts.CallLog = logger.With("module", mc.Name)
-				}
-				m = module.Open(mc.Path, opts)
-				loaded[mc.Path] = m
-				logger.Info("watching module", "module", mc.Name, "path", mc.Path, "from", mc.From, "isolated", isolate)
-			}
-			byName[mc.Name] = m
-			watched = append(watched, m)
-		}
-		return byName, watched
-	}
-	byName, watched := open(mods)
+	loaded := newLoadedModules(*isolateFlag, *logCalls, logger)
+	watched := loaded.apply(mods)
 	if cfg != nil && cfg.Source != "" {
 		logger.Info("config", "file", cfg.Source)
 	}
@@ -95,17 +75,22 @@ func runServe(args []string) error {
 	if err != nil {
 		return err
 	}
+	limits := broker.DefaultLimits()
+	if cfg != nil {
+		limits = broker.Limits(cfg.Limits)
+	}
+	br := broker.New(mon, loaded.set, broker.Options{Limits: limits, Logger: logger})
 	var pol atomic.Pointer[policy.Policy] // set once the service is up; Reload reconfigures it
-	svc := dbusapi.New(conn, mon, byName, dbusapi.Options{
+	svc := dbusapi.New(conn, mon, br, dbusapi.Options{
 		Logger:         logger,
 		Version:        version,
 		LoginTokenName: os.Getenv("PKCS11_LOGIN_TOKEN_NAME"),
 		Gnome:          gnome.mode,
-		Reload: func() (map[string]*module.Module, *monitor.Snapshot, error) {
+		Reload: func() (*monitor.Snapshot, error) {
 			cfg, mods, warnings, err := config.ResolveModules(modules, *configPath)
 			if err != nil {
 				logger.Error("reload: keeping the current configuration", "err", err)
-				return nil, nil, err
+				return nil, &dbusapi.ConfigError{Err: err}
 			}
 			if p := pol.Load(); p != nil {
 				p.SetConfig(removalPolicy(cfg, gnome.mode, logger, nil))
@@ -113,13 +98,12 @@ func runServe(args []string) error {
 			for _, w := range warnings {
 				logger.Warn(w)
 			}
-			byName, watched := open(mods)
-			snap, err := mon.SetModules(watched)
+			snap, err := mon.SetModules(loaded.apply(mods))
 			if err != nil {
-				return nil, nil, err
+				return nil, err
 			}
-			logger.Info("reloaded", "modules", len(watched))
-			return byName, snap, nil
+			logger.Info("reloaded", "modules", len(mods))
+			return snap, nil
 		},
 	})
 	if err := svc.Start(); err != nil {

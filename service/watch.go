@@ -2,7 +2,6 @@ package main
 
 import (
 	"context"
-	"encoding/json"
 	"errors"
 	"flag"
 	"fmt"
@@ -91,7 +90,7 @@ func moduleName(path string) string {
 
 func printSnapshot(w io.Writer, s *monitor.Snapshot, asJSON bool) {
 	if asJSON {
-		json.NewEncoder(w).Encode(map[string]any{"event": "snapshot", "snapshot": s})
+		writeEvent(w, monitorEvent{Time: time.Now(), Event: evState, Snapshot: watchListing(s)}, true)
 		return
 	}
 	fmt.Fprintf(w, "%s state=%s %s\n", stamp(), s.State, s.StateReason)
@@ -110,21 +109,7 @@ func printSnapshot(w io.Writer, s *monitor.Snapshot, asJSON bool) {
 
 func printEvent(w io.Writer, ev monitor.Event, asJSON bool) {
 	if asJSON {
-		out := map[string]any{"event": ev.Kind.String(), "seq": ev.Snapshot.Seq}
-		switch {
-		case ev.Token != nil:
-			out["token"] = ev.Token
-		case ev.Slot != nil:
-			out["slot"] = ev.Slot
-		case ev.Reader != nil:
-			out["reader"] = ev.Reader
-		case ev.Module != nil:
-			out["module"] = ev.Module
-		default:
-			out["state"] = ev.Snapshot.State.String()
-			out["reason"] = ev.Snapshot.StateReason
-		}
-		json.NewEncoder(w).Encode(out)
+		writeEvent(w, watchEvent(ev, time.Now()), true)
 		return
 	}
 	fmt.Fprintf(w, "%s %s\n", stamp(), ev)

@@ -81,11 +81,11 @@ func TestSessionsBelongToTheirCaller(t *testing.T) {
 	if err := alice.Object(busName, a1).Call(sesIface+".Login", 0, uint32(1), []byte(hsmPIN)).Err; err != nil {
 		t.Fatalf("Login: %v", err)
 	}
-	var objs []struct{ Attributes map[string]godbus.Variant }
+	var objs []map[string]godbus.Variant
 	if err := alice.Object(busName, a1).Call(sesIface+".FindObjects", 0, map[string]godbus.Variant{"class": godbus.MakeVariant(ckoPriv)}).Store(&objs); err != nil {
 		t.Fatalf("FindObjects: %v", err)
 	}
-	if len(objs) != 1 || fmt.Sprintf("%x", objs[0].Attributes["id"].Value()) != "01" || objs[0].Attributes["label"].Value() != "signing key" {
+	if len(objs) != 1 || fmt.Sprintf("%x", objs[0]["id"].Value()) != "01" || objs[0]["label"].Value() != "signing key" {
 		t.Fatalf("FindObjects(private keys) = %v", objs)
 	}
 	digest := sha256.Sum256([]byte("slotwatch"))
@@ -99,7 +99,7 @@ func TestSessionsBelongToTheirCaller(t *testing.T) {
 
 	// Alice's login is hers: Bob's session on the same token sees no
 	// private object, cannot sign, log in over her, or log her out.
-	var bobObjs []struct{ Attributes map[string]godbus.Variant }
+	var bobObjs []map[string]godbus.Variant
 	if err := bob.Object(busName, b1).Call(sesIface+".FindObjects", 0, map[string]godbus.Variant{"class": godbus.MakeVariant(ckoPriv)}).Store(&bobObjs); err != nil || len(bobObjs) != 0 {
 		t.Fatalf("bob's FindObjects(private keys) while alice is logged in = %v, %v; want none", bobObjs, err)
 	}

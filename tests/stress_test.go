@@ -119,12 +119,12 @@ func TestStressReplugWithClients(t *testing.T) {
 						continue
 					}
 					sessionsOpened.Add(1)
-					var found []struct{ Attributes map[string]godbus.Variant }
+					var found []map[string]godbus.Variant
 					err := conn.Object(busName, s).Call(sesIface+".FindObjects", 0, map[string]godbus.Variant{"class": godbus.MakeVariant(uint32(1))}).Store(&found)
 					switch {
 					case err == nil:
 						for _, o := range found {
-							if label, _ := o.Attributes["label"].Value().(string); !strings.HasSuffix(label, " "+serial) {
+							if label, _ := o["label"].Value().(string); !strings.HasSuffix(label, " "+serial) {
 								crossings.Add(1)
 								t.Errorf("session %s of token %s (serial %s) sees %q", s, p, serial, label)
 							}

@@ -124,11 +124,11 @@ func TestSubscriberSeesInsertRemoveReinsert(t *testing.T) {
 	if err := sub.conn.Object(busName, tok1).Call(tokIface+".OpenSession", 0, false).Store(&sess); err != nil {
 		t.Fatalf("OpenSession on the virtual card: %v", err)
 	}
-	var found []struct{ Attributes map[string]godbus.Variant }
+	var found []map[string]godbus.Variant
 	if err := sub.conn.Object(busName, sess).Call(sesIface+".FindObjects", 0, map[string]godbus.Variant{"class": godbus.MakeVariant(uint32(1))}).Store(&found); err != nil {
 		t.Fatalf("FindObjects(certificates) on the virtual card: %v", err)
 	}
-	if len(found) != 1 || len(found[0].Attributes["value"].Value().([]byte)) == 0 {
+	if len(found) != 1 || len(found[0]["value"].Value().([]byte)) == 0 {
 		t.Fatalf("FindObjects(certificates) = %v, want the card's certificate with its value", found)
 	}
 	var certs []struct {

@@ -62,15 +62,16 @@ func slotwatchBin(t testing.TB) string {
 	return buildBinary(t, "slotwatch", true)
 }
 
-// watchLine is one line of `slotwatch watch --json`.
+// watchLine is one line of `slotwatch watch --json`: the event names and
+// keys of `slotwatch monitor --json` (a token event's token is its path).
 type watchLine struct {
-	Event string `json:"event"`
-	Token *struct {
-		Generation uint64
-		Label      string
-		Serial     string
-		Reader     string
-	} `json:"token"`
+	Event      string `json:"event"`
+	Token      string `json:"token"`
+	Generation uint64 `json:"generation"`
+	Label      string `json:"label"`
+	Serial     string `json:"serial"`
+	Reader     string `json:"reader"`
+	Snapshot   any    `json:"snapshot"`
 }
 
 // TestWatchCommand runs `slotwatch watch --json` as a user would, against a
@@ -130,23 +131,26 @@ func TestWatchCommand(t *testing.T) {
 			}
 		}
 	}
-	expect("snapshot")
+	if first := expect("state"); first.Snapshot == nil {
+		t.Fatalf("the first line has no snapshot: %+v", first)
+	}
 
 	card := vcard.New(pcscd.Addr(0), vcard.Profile{Label: "CLI Card", Serial: "c11c0001"})
 	t.Cleanup(func() { card.Close() })
 	if err := card.Insert(); err != nil {
 		t.Fatal(err)
 	}
-	in1 := expect("token-inserted")
-	if in1.Token == nil || in1.Token.Label != "CLI Card" || in1.Token.Serial != "c11c0001" || in1.Token.Reader != pcscd.Readers()[0] {
-		t.Fatalf("token-inserted: %+v", in1.Token)
+	in1 := expect("token_inserted")
+	if in1.Label != "CLI Card" || in1.Serial != "c11c0001" || in1.Reader != pcscd.Readers()[0] ||
+		in1.Token != fmt.Sprintf("/io/github/slotwatch/Slotwatch1/tokens/%d", in1.Generation) {
+		t.Fatalf("token_inserted: %+v", in1)
 	}
 	card.Remove()
-	if out := expect("token-removed"); out.Token.Generation != in1.Token.Generation {
-		t.Fatalf("removed generation %d, want %d", out.Token.Generation, in1.Token.Generation)
+	if out := expect("token_removed"); out.Generation != in1.Generation {
+		t.Fatalf("removed generation %d, want %d", out.Generation, in1.Generation)
 	}
 	card.Insert()
-	if in2 := expect("token-inserted"); in2.Token.Generation <= in1.Token.Generation {
-		t.Fatalf("reinserted generation %d, want > %d", in2.Token.Generation, in1.Token.Generation)
+	if in2 := expect("token_inserted"); in2.Generation <= in1.Generation {
+		t.Fatalf("reinserted generation %d, want > %d", in2.Generation, in1.Generation)
 	}
 }

@@ -109,25 +109,26 @@ var contract = []struct {
 			"Login(in u user_type, in ay pin)",
 			"Logout()",
 			"Close()",
-			"FindObjects(in a{sv} template, out a(a{sv}) objects)",
+			"FindObjects(in a{sv} template, out aa{sv} objects)",
 			"Sign(in ay key_id, in u mechanism, in ay data, out ay signature)",
 		},
 	},
 }
 
 const (
-	errPrefix          = Prefix + ".Error."
-	emitsChanged       = "org.freedesktop.DBus.Property.EmitsChangedSignal"
-	doctype            = `DOCTYPE node PUBLIC "-//freedesktop//DTD D-BUS Object Introspection 1.0//EN" "http://www.freedesktop.org/standards/dbus/1.0/introspect.dtd"`
-	errTokenRemoved    = errPrefix + "TokenRemoved"
-	errAccessDenied    = "org.freedesktop.DBus.Error.AccessDenied"
-	errInvalidArgs     = "org.freedesktop.DBus.Error.InvalidArgs"
-	errSessionsExist   = errPrefix + "SessionsExist"
-	errInvalidFileCont = "org.freedesktop.DBus.Error.InvalidFileContent"
+	errPrefix        = Prefix + ".Error."
+	emitsChanged     = "org.freedesktop.DBus.Property.EmitsChangedSignal"
+	doctype          = `DOCTYPE node PUBLIC "-//freedesktop//DTD D-BUS Object Introspection 1.0//EN" "http://www.freedesktop.org/standards/dbus/1.0/introspect.dtd"`
+	errTokenRemoved  = errPrefix + "TokenRemoved"
+	errAccessDenied  = "org.freedesktop.DBus.Error.AccessDenied"
+	errInvalidArgs   = "org.freedesktop.DBus.Error.InvalidArgs"
+	errSessionsExist = errPrefix + "SessionsExist"
+	errInvalidConfig = errPrefix + "InvalidConfig"
 )
 
 // knownErrors are the error names a method may document: DESIGN.md's list,
-// InvalidArgs, AccessDenied, and InvalidFileContent for Reload's config.
+// Cancelled (a PIN pad's cancel key), InvalidConfig for Reload's config,
+// InvalidArgs and AccessDenied.
 var knownErrors = []string{
 	errPrefix + "TokenRemoved",
 	errPrefix + "SessionsExist",
@@ -139,9 +140,10 @@ var knownErrors = []string{
 	errPrefix + "NotSupported",
 	errPrefix + "ModuleFailure",
 	errPrefix + "Busy",
+	errPrefix + "Cancelled",
+	errInvalidConfig,
 	errInvalidArgs,
 	errAccessDenied,
-	errInvalidFileCont,
 }
 
 // mustDocument lists errors particular methods must document, beyond the

@@ -1,0 +1,53 @@
+package main
+
+import (
+	"log/slog"
+	"sync"
+
+	"github.com/slotwatch/slotwatch/config"
+	"github.com/slotwatch/slotwatch/module"
+	"github.com/slotwatch/slotwatch/monitor"
+)
+
+// loadedModules is the daemon's one set of modules: it opens what the
+// config resolves to, keeps the modules a reload leaves alone (by path, so
+// their state survives), and holds the module.Set that both the monitor
+// (through apply's result) and the broker see.
+type loadedModules struct {
+	set         *module.Set
+	isolateFlag bool // serve --isolate: the --module modules run isolated
+	logCalls    bool
+	log         *slog.Logger
+
+	mu     sync.Mutex // guards byPath; reloads may race
+	byPath map[string]*module.Module
+}
+
+func newLoadedModules(isolateFlag, logCalls bool, log *slog.Logger) *loadedModules {
+	return &loadedModules{set: module.NewSet(), isolateFlag: isolateFlag, logCalls: logCalls, log: log, byPath: map[string]*module.Module{}}
+}
+
+// apply makes mods the set's contents and returns them for the monitor.
+func (l *loadedModules) apply(mods []config.Module) []monitor.Module {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	var list []*module.Module
+	var watched []monitor.Module
+	for _, mc := range mods {
+		m, ok := l.byPath[mc.Path]
+		if !ok || m.Name() != mc.Name {
+			isolate := mc.Isolate || (l.isolateFlag && mc.From == config.FromFlag)
+			opts := module.Options{Name: mc.Name, Isolate: isolate}
+			if l.logCalls {
+				opts.CallLog = l.log.With("module", mc.Name)
+			}
+			m = module.Open(mc.Path, opts)
+			l.byPath[mc.Path] = m
+			l.log.Info("watching module", "module", mc.Name, "path", mc.Path, "from", mc.From, "isolated", isolate, "critical", mc.Critical)
+		}
+		list = append(list, m)
+		watched = append(watched, m)
+	}
+	l.set.Replace(list)
+	return watched
+}
