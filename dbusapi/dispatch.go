@@ -222,13 +222,18 @@ func (d propsDispatch) lookup(msg godbus.Message, sig, iface string) (map[string
 }
 
 func (d propsDispatch) Get(msg godbus.Message, iface, name string) (godbus.Variant, *godbus.Error) {
-	vals, err := d.lookup(msg, "ss", iface)
-	if err != nil {
+	if err := d.check(msg, "ss"); err != nil {
 		return godbus.Variant{}, err
 	}
-	v, ok := vals[name]
-	if !ok {
-		return godbus.Variant{}, godbus.NewError(ErrInvalidArgs, []any{fmt.Sprintf("no property %s.%s on %s", iface, name, msgPath(msg))})
+	path := msgPath(msg)
+	v, exists, ok, found := d.objs.getOne(path, iface, name)
+	switch {
+	case !exists:
+		return godbus.Variant{}, d.dead(path)
+	case !ok:
+		return godbus.Variant{}, godbus.NewError(ErrInvalidArgs, []any{fmt.Sprintf("no interface %s on %s", iface, path)})
+	case !found:
+		return godbus.Variant{}, godbus.NewError(ErrInvalidArgs, []any{fmt.Sprintf("no property %s.%s on %s", iface, name, path)})
 	}
 	return v, nil
 }

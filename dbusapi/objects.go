@@ -132,6 +132,28 @@ func (o *objects) get(path godbus.ObjectPath, name string) (vals map[string]godb
 	return vals, true, true
 }
 
+// getOne returns one property value: exists says whether there is an
+// object at path, ok whether it has the interface, found whether the
+// interface has the property. (Property Get is the hottest call: no copy
+// of the interface's other values.)
+func (o *objects) getOne(path godbus.ObjectPath, iface, name string) (v godbus.Variant, exists, ok, found bool) {
+	o.mu.RLock()
+	defer o.mu.RUnlock()
+	obj, exists := o.byPath[path]
+	if !exists {
+		return v, false, false, false
+	}
+	props, ok := obj.values[iface]
+	if !ok {
+		return v, true, false, false
+	}
+	val, found := props[name]
+	if !found {
+		return v, true, true, false
+	}
+	return godbus.MakeVariant(val), true, true, true
+}
+
 // set changes properties of one interface of an object and announces the
 // ones that really changed in one PropertiesChanged signal, so a
 // subscriber sees a reader's state and event count change together.

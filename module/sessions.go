@@ -218,38 +218,6 @@ func (m *Module) closeOne(s *session) error {
 	return m.result(fn, start, m.ctx.CloseSession(s.Handle), sessionAttrs(s))
 }
 
-// CloseAllSessions closes owner's sessions on slot, one C_CloseSession each
-// (as CloseSession), and leaves the others alone; it never calls
-// C_CloseAllSessions. It returns how many it closed and the first error
-// (all of them are forgotten regardless).
-//
-// Deprecated: which caller holds which session is the broker's to track;
-// it closes its callers' sessions with CloseSession. This stays only until
-// its last user outside this package (tests/module_opensc_test.go) moves.
-func (m *Module) CloseAllSessions(owner string, slot uint) (closed int, err error) {
-	m.life.RLock()
-	defer m.life.RUnlock()
-	if m.ctx == nil {
-		return 0, notInitialized("CloseAllSessions")
-	}
-	var victims []*session
-	m.regMu.Lock()
-	for id, s := range m.sessions {
-		if s.Owner == owner && s.Slot == slot {
-			victims = append(victims, s)
-			delete(m.sessions, id)
-		}
-	}
-	m.regMu.Unlock()
-	slices.SortFunc(victims, func(a, b *session) int { return cmp.Compare(a.ID, b.ID) })
-	for _, s := range victims {
-		if cerr := m.closeOne(s); cerr != nil && err == nil {
-			err = cerr
-		}
-	}
-	return len(victims), err
-}
-
 // RetireGeneration marks every generation <= gen on slot dead, at once and
 // without a C call: what the monitor does the moment it sees the token
 // removed (DESIGN rule 4). From then on, operations on those sessions fail

@@ -88,13 +88,10 @@ func TestCloseSessionLeavesOthers(t *testing.T) {
 	if err := m.CloseSession(a1.ID); !errors.Is(err, ErrNoSuchSession) {
 		t.Errorf("CloseSession(closed) = %v", err)
 	}
-	// CloseAllSessions (deprecated, kept for tests/module_opensc_test.go)
-	// is CloseSession on each of the owner's sessions on the slot.
-	if n, err := m.CloseAllSessions(":1.10", slot); n != 0 || err != nil {
-		t.Errorf("CloseAllSessions(A, nothing left) = %d, %v", n, err)
-	}
-	if n, err := m.CloseAllSessions(":1.11", slot); n != 2 || err != nil {
-		t.Errorf("CloseAllSessions(B) = %d, %v", n, err)
+	for _, s := range []*Session{b1, b2} {
+		if err := m.CloseSession(s.ID); err != nil {
+			t.Errorf("CloseSession(B's %d): %v", s.ID, err)
+		}
 	}
 	for _, s := range []*Session{b1, b2} {
 		if _, err := raw.GetSessionInfo(s.Handle); err != pkcs11.Error(pkcs11.CKR_SESSION_HANDLE_INVALID) {
