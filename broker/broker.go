@@ -223,6 +223,7 @@ func (b *Broker) enter(c Caller) (exit func(), err error) {
 // and the token's module. It is the only way the broker reaches a module.
 type held struct {
 	tok       monitor.Token
+	removable bool // the slot's device can be removed (CKF_REMOVABLE_DEVICE)
 	state     *tokenState
 	mod       *module.Module
 	exclusive bool
@@ -250,10 +251,15 @@ func (b *Broker) hold(ctx context.Context, gen uint64, exclusive bool) (*held, e
 		}
 		return nil, err
 	}
-	tok, ok := b.gens.Snapshot().Token(gen)
+	snap := b.gens.Snapshot()
+	tok, ok := snap.Token(gen)
 	if !ok {
 		release()
 		return nil, errorf(ErrTokenRemoved, "token generation %d is gone", gen)
+	}
+	removable := true
+	if sl, ok := snap.Slot(tok.Slot); ok {
+		removable = sl.Removable
 	}
 	mod, ok := b.mods.Lookup(tok.Slot.Module)
 	if !ok {
@@ -272,7 +278,7 @@ func (b *Broker) hold(ctx context.Context, gen uint64, exclusive bool) (*held, e
 		release()
 		return nil, errorf(ErrBusy, "token generation %d is busy (another caller's login or InitToken is in progress)", gen)
 	}
-	return &held{tok: *tok, state: ts, mod: mod, exclusive: exclusive, release: release}, nil
+	return &held{tok: *tok, removable: removable, state: ts, mod: mod, exclusive: exclusive, release: release}, nil
 }
 
 // tokenLocked returns gen's state, creating it; b.mu must be held.
@@ -294,8 +300,19 @@ func (b *Broker) loginOf(ts *tokenState) string {
 
 // stillInSlot tells whether the module shows h's token (same label,
 // serial, manufacturer, model) in its slot now: a card swapped before the
-// monitor noticed must not be used under the old generation.
+// monitor noticed must not be used under the old generation. A slot whose
+// device cannot be removed (a software token such as SoftHSM2's) cannot
+// have had its card swapped, and is not asked: C_GetTokenInfo can cost as
+// much as the rest of an OpenSession.
 func (h *held) stillInSlot() bool {
+	if !h.removable {
+		return true
+	}
+	return h.sameTokenInSlot()
+}
+
+// sameTokenInSlot asks the module for the token in h's slot.
+func (h *held) sameTokenInSlot() bool {
 	ti, err := h.mod.TokenInfo(h.tok.Slot.ID)
 	return err == nil && ti.Label == h.tok.Label && ti.Serial == h.tok.Serial &&
 		ti.Manufacturer == h.tok.Manufacturer && ti.Model == h.tok.Model

@@ -73,7 +73,7 @@ func (b *Broker) InitToken(c Caller, gen uint64, soPIN []byte, label string, for
 	}
 	// Never initialize a card that was swapped in before the monitor
 	// noticed: that would wipe somebody else's token.
-	if !h.stillInSlot() {
+	if !h.sameTokenInSlot() {
 		return h.swapped()
 	}
 	if n > 0 {

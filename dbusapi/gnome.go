@@ -105,7 +105,7 @@ type gnomeToken struct {
 func newGnome(s *Service) *gnome {
 	return &gnome{
 		s:         s,
-		objs:      newObjects(s.conn, GnomeRootPath),
+		objs:      newObjects(s.out, GnomeRootPath),
 		loginName: s.opts.LoginTokenName,
 		tokens:    map[godbus.ObjectPath]*gnomeToken{},
 		drivers:   map[godbus.ObjectPath]bool{},

@@ -79,6 +79,7 @@ func (m *manager) Reload(msg godbus.Message) *godbus.Error {
 	if !s.waitApplied(target, reloadWait) {
 		return s.reply(namedError(ErrBusy, "the reloaded view is not on the bus after %v", reloadWait))
 	}
+	s.out.flush() // its signals too
 	return nil
 }
 

@@ -28,14 +28,13 @@ import (
 // and modules; method calls add and remove sessions; D-Bus calls read the
 // tree concurrently.
 type objects struct {
-	conn *godbus.Conn
+	out  *emitter
 	root godbus.ObjectPath // where the ObjectManager is; objects are below it
 
-	// emitMu orders changes: held from a change until its signal is
-	// sent, so InterfacesAdded, PropertiesChanged and InterfacesRemoved
-	// leave in the order the changes were made. Readers never take it.
-	emitMu sync.Mutex
-	mu     sync.RWMutex // guards byPath and every object's values
+	// mu guards byPath and every object's values. A change queues its
+	// signal while it holds mu, so InterfacesAdded, PropertiesChanged and
+	// InterfacesRemoved leave in the order the changes were made.
+	mu     sync.RWMutex
 	byPath map[godbus.ObjectPath]*object
 }
 
@@ -55,11 +54,13 @@ type iface struct {
 	props   map[string]any // name → value (which never change is documented in xml/)
 }
 
-func newObjects(conn *godbus.Conn, root godbus.ObjectPath) *objects {
-	return &objects{conn: conn, root: root, byPath: map[godbus.ObjectPath]*object{}}
+func newObjects(out *emitter, root godbus.ObjectPath) *objects {
+	return &objects{out: out, root: root, byPath: map[godbus.ObjectPath]*object{}}
 }
 
 // add puts an object on the bus and announces it with InterfacesAdded.
+// (Signals are queued to the emitter, which sends them in order from its
+// own goroutine: no change waits for the bus.)
 func (o *objects) add(path godbus.ObjectPath, ifaces ...iface) error {
 	obj := &object{path: path, handlers: map[string]any{}, values: map[string]map[string]any{}}
 	for _, ifc := range ifaces {
@@ -73,30 +74,26 @@ func (o *objects) add(path godbus.ObjectPath, ifaces ...iface) error {
 		}
 		obj.values[ifc.name] = vals
 	}
-	o.emitMu.Lock()
-	defer o.emitMu.Unlock()
 	o.mu.Lock()
 	if _, dup := o.byPath[path]; dup {
 		o.mu.Unlock()
 		return fmt.Errorf("object %s exists already", path)
 	}
 	o.byPath[path] = obj
-	managed := obj.managedLocked()
+	o.out.emit(o.root, objectManagerInterface+".InterfacesAdded", path, obj.managedLocked())
 	o.mu.Unlock()
-	return o.conn.Emit(o.root, objectManagerInterface+".InterfacesAdded", path, managed)
+	return nil
 }
 
 // remove takes an object off the bus and announces it with
 // InterfacesRemoved.
 func (o *objects) remove(path godbus.ObjectPath) {
-	o.emitMu.Lock()
-	defer o.emitMu.Unlock()
 	o.mu.Lock()
+	defer o.mu.Unlock()
 	obj, ok := o.byPath[path]
 	delete(o.byPath, path)
-	o.mu.Unlock()
 	if ok {
-		o.conn.Emit(o.root, objectManagerInterface+".InterfacesRemoved", path, obj.ifaces)
+		o.out.emit(o.root, objectManagerInterface+".InterfacesRemoved", path, obj.ifaces)
 	}
 }
 
@@ -158,8 +155,6 @@ func (o *objects) getOne(path godbus.ObjectPath, iface, name string) (v godbus.V
 // ones that really changed in one PropertiesChanged signal, so a
 // subscriber sees a reader's state and event count change together.
 func (o *objects) set(path godbus.ObjectPath, ifaceName string, values map[string]any) {
-	o.emitMu.Lock()
-	defer o.emitMu.Unlock()
 	o.mu.Lock()
 	obj, ok := o.byPath[path]
 	if !ok {
@@ -174,10 +169,10 @@ func (o *objects) set(path godbus.ObjectPath, ifaceName string, values map[strin
 		obj.values[ifaceName][name] = v
 		changed[name] = godbus.MakeVariant(v)
 	}
-	o.mu.Unlock()
 	if len(changed) > 0 {
-		o.conn.Emit(path, propertiesInterface+".PropertiesChanged", ifaceName, changed, []string{})
+		o.out.emit(path, propertiesInterface+".PropertiesChanged", ifaceName, changed, []string{})
 	}
+	o.mu.Unlock()
 }
 
 func (o *objects) has(path godbus.ObjectPath) bool {

@@ -49,6 +49,7 @@ type Service struct {
 	opts Options
 
 	log     *slog.Logger
+	out     *emitter // every signal, in order
 	objs    *objects
 	gnome   *gnome // nil unless Options.Gnome
 	callers *callers
@@ -85,9 +86,11 @@ func New(conn *godbus.Conn, mon *monitor.Monitor, br *broker.Broker, opts Option
 	}
 	id := make([]byte, 16)
 	rand.Read(id)
+	out := newEmitter(conn, opts.Logger)
 	s := &Service{
 		conn: conn, mon: mon, br: br, opts: opts, log: opts.Logger,
-		objs:       newObjects(conn, RootPath),
+		out:        out,
+		objs:       newObjects(out, RootPath),
 		instanceID: hex.EncodeToString(id),
 		appliedCh:  make(chan struct{}),
 		done:       make(chan struct{}),
@@ -109,6 +112,7 @@ func (s *Service) Start() error {
 	s.lastSnap = snap
 	fail := func(err error) error {
 		sub.Close()
+		s.out.close()
 		return err
 	}
 	if err := s.exportRoot(snap); err != nil {
@@ -126,6 +130,7 @@ func (s *Service) Start() error {
 	if err := s.callers.start(s.nameChanged); err != nil {
 		return fail(err)
 	}
+	s.out.flush() // the initial objects' signals go out before the name appears
 	reply, err := s.conn.RequestName(BusName, godbus.NameFlagDoNotQueue)
 	if err != nil {
 		return fail(fmt.Errorf("requesting %s: %w", BusName, err))
@@ -150,12 +155,14 @@ func (s *Service) Start() error {
 func (s *Service) Close() {
 	s.closeMu.Do(func() {
 		if s.sub == nil {
+			s.out.close()
 			return
 		}
 		s.sub.Close()
 		<-s.done
 		s.callers.stop()
 		s.br.Close()
+		s.out.close() // the sessions' InterfacesRemoved go out before the name does
 		s.conn.ReleaseName(BusName)
 		if s.gnome != nil {
 			s.conn.ReleaseName(GnomeBusName)

@@ -135,7 +135,7 @@ func (s *Service) addToken(t *monitor.Token) {
 		return
 	}
 	s.objs.set(slotPath(t.Slot), SlotInterface, map[string]any{"Token": p})
-	s.conn.Emit(RootPath, ManagerInterface+".TokenInserted", p, slotPath(t.Slot), t.Generation)
+	s.out.emit(RootPath, ManagerInterface+".TokenInserted", p, slotPath(t.Slot), t.Generation)
 }
 
 // removeToken takes a removed generation off the bus: its sessions first
@@ -146,5 +146,5 @@ func (s *Service) removeToken(t *monitor.Token) {
 	p := tokenPath(t.Generation)
 	s.objs.remove(p)
 	s.objs.set(slotPath(t.Slot), SlotInterface, map[string]any{"Token": noObject})
-	s.conn.Emit(RootPath, ManagerInterface+".TokenRemoved", p, slotPath(t.Slot), t.Generation)
+	s.out.emit(RootPath, ManagerInterface+".TokenRemoved", p, slotPath(t.Slot), t.Generation)
 }

@@ -225,6 +225,10 @@ func readPINStdin(prompt string) ([]byte, error) {
 
 func runInitToken(args []string) error {
 	const cmd = "init-token"
+	// The SO PIN passes through this process too.
+	if err := hardenProcess(); err != nil {
+		return err
+	}
 	a, err := parseInitTokenArgs(args)
 	if err != nil {
 		return err

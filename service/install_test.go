@@ -44,7 +44,7 @@ func TestInstall(t *testing.T) {
 	// The user unit, with @bindir@ filled in.
 	unitPath := filepath.Join(dest, "usr/lib/systemd/user/slotwatch.service")
 	unitText := readInstalled(t, unitPath, 0o644)
-	if strings.Contains(unitText, "@") {
+	if strings.Contains(unitText, "@bindir@") { // "@" alone: SystemCallFilter=~@clock ...
 		t.Errorf("%s still has an @...@ placeholder:\n%s", unitPath, unitText)
 	}
 	unit := parseIniForInstallTest(t, unitPath, unitText, false)
@@ -379,5 +379,55 @@ func checkActivatableForInstallTest(t *testing.T, servicesDir string) {
 	}
 	if log := bus.Log(); strings.Contains(log, installBusName) {
 		t.Errorf("dbus-daemon complains about the activation file:\n%s", log)
+	}
+}
+
+// TestUnitHardening: both packaged user units carry the same process
+// hardening (see the comments in packaging/slotwatch.service): no core
+// dumps, a private session keyring, memory and task ceilings, and a
+// system-call deny-list that leaves @privileged and @resources (setrlimit,
+// setpriority: the Go runtime and modules call them) alone; and none of
+// the settings that, in a user manager, need a user namespace
+// (PrivateUsers=), which fails to start the unit where unprivileged user
+// namespaces are disabled.
+func TestUnitHardening(t *testing.T) {
+	want := map[string]string{
+		"LimitCORE":               "0",
+		"KeyringMode":             "private",
+		"MemoryMax":               "256M",
+		"TasksMax":                "256",
+		"SystemCallFilter":        "~@clock @cpu-emulation @debug @module @mount @obsolete @raw-io @reboot @swap",
+		"SystemCallErrorNumber":   "EPERM",
+		"SystemCallArchitectures": "native",
+		"NoNewPrivileges":         "yes",
+		"LockPersonality":         "yes",
+		"RestrictRealtime":        "yes",
+		"RestrictSUIDSGID":        "yes",
+	}
+	needUserNamespace := []string{
+		"PrivateUsers", "ProtectClock", "ProtectSystem", "ProtectHome", "PrivateTmp",
+		"PrivateDevices", "PrivateMounts", "ProtectKernelTunables", "ProtectKernelModules",
+		"ProtectKernelLogs", "ProtectControlGroups", "ProtectHostname", "ProtectProc", "ProcSubset",
+	}
+	for _, name := range []string{"slotwatch.service", "gnome/slotwatch-gnome.service"} {
+		path := filepath.Join("..", "packaging", name)
+		service := parseIniForInstallTest(t, path, readFileForInstallTest(t, path), false)["Service"]
+		for _, k := range slices.Sorted(maps.Keys(want)) {
+			if got := service[k]; !slices.Equal(got, []string{want[k]}) {
+				t.Errorf("%s: %s= %q, want exactly %q", path, k, got, want[k])
+			}
+		}
+		for _, v := range service["SystemCallFilter"] {
+			for _, f := range strings.Fields(v) {
+				if g := strings.TrimPrefix(f, "~"); g == "@privileged" || g == "@resources" || g == "setrlimit" {
+					t.Errorf("%s: SystemCallFilter= denies %s, which holds calls the Go runtime and modules make", path, g)
+				}
+			}
+		}
+		for _, k := range needUserNamespace {
+			if v, ok := service[k]; ok {
+				t.Errorf("%s: %s=%q needs a user namespace in a user manager; leave it out", path, k, v)
+			}
+		}
 	}
 }

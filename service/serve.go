@@ -44,6 +44,10 @@ func runServe(args []string) error {
 	if err := fs.Parse(args); err != nil {
 		return err
 	}
+	// Before any module is loaded: PINs pass through this process.
+	if err := hardenProcess(); err != nil {
+		return err
+	}
 	logger, err := newLogger(*logLevel, *logCalls)
 	if err != nil {
 		return err
