@@ -10,6 +10,7 @@ import (
 	"cmp"
 	"errors"
 	"fmt"
+	"github.com/slotwatch/slotwatch/internal/p11kitpath"
 	"io"
 	"io/fs"
 	"os"
@@ -19,7 +20,6 @@ import (
 	"strings"
 	"syscall"
 
-	"github.com/slotwatch/slotwatch/module"
 )
 
 // p11KitProgramName is the program name enable-in and disable-in are
@@ -45,7 +45,7 @@ func P11KitDirs() []string {
 // as P11KitDirs returns them) and returns the modules slotwatch
 // should load, highest priority first, then by name. Relative "module:"
 // values are resolved against moduleDir: p11-kit's module directory,
-// module.P11KitModuleDir() on this machine (ResolveModules passes it).
+// p11kitpath.ModuleDir() on this machine (ResolveModules passes it).
 //
 // It follows p11-kit:
 //
@@ -462,7 +462,7 @@ func flagModuleName(path string) string {
 // ResolveModules applies DESIGN.md's rule for which modules the daemon
 // loads, with p11-kit's registry read from P11KitDirs and relative
 // module paths resolved against p11-kit's module directory for this
-// machine's architecture (module.P11KitModuleDir).
+// machine's architecture (p11kitpath.ModuleDir).
 //
 // With one or more flagModules (serve --module PATH), exactly those modules
 // are loaded (From "flag", names from flagModuleName, made unique), in the
@@ -485,7 +485,7 @@ func flagModuleName(path string) string {
 // error is for a config file that is missing (when given) or wrong, and
 // for bad flags.
 func ResolveModules(flagModules []string, configPath string) (*Config, []Module, []string, error) {
-	return resolveModules(flagModules, configPath, P11KitDirs(), module.P11KitModuleDir())
+	return resolveModules(flagModules, configPath, P11KitDirs(), p11kitpath.ModuleDir())
 }
 
 func resolveModules(flagModules []string, configPath string, p11Dirs []string, moduleDir string) (*Config, []Module, []string, error) {

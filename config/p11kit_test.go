@@ -2,6 +2,7 @@ package config
 
 import (
 	"errors"
+	"github.com/slotwatch/slotwatch/internal/p11kitpath"
 	"os"
 	"path/filepath"
 	"reflect"
@@ -10,7 +11,6 @@ import (
 	"strings"
 	"testing"
 
-	"github.com/slotwatch/slotwatch/module"
 	"github.com/slotwatch/slotwatch/policy"
 )
 
@@ -465,7 +465,7 @@ func TestP11KitModulesThisMachine(t *testing.T) {
 	if _, err := os.Stat("/usr/share/p11-kit/modules/opensc-pkcs11.module"); err != nil {
 		t.Skipf("no OpenSC in p11-kit's registry here: %v", err)
 	}
-	mods, warnings, err := P11KitModules([]string{"/usr/share/p11-kit/modules", "/etc/pkcs11/modules"}, module.P11KitModuleDir())
+	mods, warnings, err := P11KitModules([]string{"/usr/share/p11-kit/modules", "/etc/pkcs11/modules"}, p11kitpath.ModuleDir())
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -932,7 +932,7 @@ func TestP11KitModuleDir(t *testing.T) {
 	}
 	for _, tt := range tests {
 		isDir := func(p string) bool { return slices.Contains(tt.exists, p) }
-		if got := module.FindP11KitModuleDir(tt.goarch, isDir); got != tt.want {
+		if got := p11kitpath.FindModuleDir(tt.goarch, isDir); got != tt.want {
 			t.Errorf("FindP11KitModuleDir(%s) with %q = %q, want %q", tt.goarch, tt.exists, got, tt.want)
 		}
 	}
@@ -943,7 +943,7 @@ func TestP11KitModuleDir(t *testing.T) {
 		"riscv64": "riscv64-linux-gnu", "mips64le": "mips64el-linux-gnuabi64", "wasm": "",
 	}
 	for goarch, want := range triplets {
-		if got := module.MultiarchTriplet(goarch); got != want {
+		if got := p11kitpath.MultiarchTriplet(goarch); got != want {
 			t.Errorf("MultiarchTriplet(%s) = %q, want %q", goarch, got, want)
 		}
 	}
@@ -963,7 +963,7 @@ func TestP11KitModuleDir(t *testing.T) {
 	if err := os.WriteFile(filepath.Join(root, want, "opensc-pkcs11.so"), nil, 0o644); err != nil {
 		t.Fatal(err)
 	}
-	dir := module.FindP11KitModuleDir("arm64", isDir)
+	dir := p11kitpath.FindModuleDir("arm64", isDir)
 	if dir != want {
 		t.Fatalf("FindP11KitModuleDir(arm64) = %q, want %q", dir, want)
 	}
@@ -974,7 +974,7 @@ func TestP11KitModuleDir(t *testing.T) {
 	}
 
 	// This machine: one of the candidates for its own architecture.
-	if got := module.P11KitModuleDir(); !slices.Contains(module.P11KitModuleDirs(runtime.GOARCH), got) {
-		t.Errorf("P11KitModuleDir() = %q, not one of %q", got, module.P11KitModuleDirs(runtime.GOARCH))
+	if got := p11kitpath.ModuleDir(); !slices.Contains(p11kitpath.ModuleDirs(runtime.GOARCH), got) {
+		t.Errorf("P11KitModuleDir() = %q, not one of %q", got, p11kitpath.ModuleDirs(runtime.GOARCH))
 	}
 }

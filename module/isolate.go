@@ -3,6 +3,7 @@ package module
 import (
 	"errors"
 	"fmt"
+	"github.com/slotwatch/slotwatch/internal/p11kitpath"
 	"os"
 	"path/filepath"
 	"strings"
@@ -33,10 +34,10 @@ import (
 
 // P11KitClient and P11KitRemote are p11-kit's client module and command:
 // the client module in p11-kit's module directory for this machine's
-// architecture (P11KitModuleDir; /usr/lib/x86_64-linux-gnu/pkcs11 on
+// architecture (p11kitpath.ModuleDir; /usr/lib/x86_64-linux-gnu/pkcs11 on
 // Debian amd64).
 var (
-	P11KitClient = filepath.Join(P11KitModuleDir(), "p11-kit-client.so")
+	P11KitClient = filepath.Join(p11kitpath.ModuleDir(), "p11-kit-client.so")
 	P11KitRemote = "/usr/bin/p11-kit"
 )
 

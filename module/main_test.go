@@ -25,7 +25,7 @@ const (
 	keyID        = 0x42 // EC P-256 key pair on alpha, made by pkcs11-tool
 )
 
-const openSCModule = "/usr/lib/x86_64-linux-gnu/pkcs11/opensc-pkcs11.so"
+var openSCModule = stack.OpenSCModule
 
 var (
 	fmSocket  string // faultmod's control socket (FAULTMOD_CONTROL), set before any load

@@ -99,6 +99,14 @@ type clientFlags struct {
 	json    bool
 }
 
+// clientDescriptions say what each client command does, in its --help.
+var clientDescriptions = map[string]string{
+	"list":       "Shows the daemon's readers, slots, tokens, modules and sessions. A D-Bus client of\n`slotwatch serve`: it loads no module itself.",
+	"sessions":   "Shows who holds which PKCS#11 session through the daemon. A D-Bus client of\n`slotwatch serve`.",
+	"monitor":    "Prints the daemon's events as they happen, the current view first. A D-Bus client\nof `slotwatch serve`: it sees what every other client of the daemon sees, and\nloads no module itself. (`slotwatch watch` runs a monitor in its own process\ninstead; both print the same JSON.)",
+	"init-token": "Initializes a token (C_InitToken) through the daemon. A D-Bus client of\n`slotwatch serve`.",
+}
+
 // newClientFlagSet makes a command's flag set with --address (and --json
 // if withJSON).
 func newClientFlagSet(cmd, synopsis string, cf *clientFlags, withJSON bool) *flag.FlagSet {
@@ -109,7 +117,11 @@ func newClientFlagSet(cmd, synopsis string, cf *clientFlags, withJSON bool) *fla
 		fs.BoolVar(&cf.json, "json", false, "print JSON (lower_snake_case keys) instead of text")
 	}
 	fs.Usage = func() {
-		fmt.Fprintf(fs.Output(), "usage: slotwatch %s\n\noptions:\n", synopsis)
+		fmt.Fprintf(fs.Output(), "usage: slotwatch %s\n\n", synopsis)
+		if d := clientDescriptions[cmd]; d != "" {
+			fmt.Fprintf(fs.Output(), "%s\n\n", d)
+		}
+		fmt.Fprintf(fs.Output(), "options:\n")
 		fs.PrintDefaults()
 		extra := ""
 		if cmd == "init-token" {

@@ -18,13 +18,13 @@ import (
 const usage = `usage: slotwatch COMMAND [OPTIONS]
 
 commands:
-  serve   the daemon: serve the view and PKCS#11 sessions on D-Bus
-  watch   run the monitor in the foreground and print every change
+  serve       the daemon: serve the view and PKCS#11 sessions on D-Bus
+  watch       run a monitor in this process (no daemon) and print every change
   list        show the daemon's readers, slots, tokens and modules
-  monitor     print the daemon's events as they happen
+  monitor     print the daemon's events as they happen (a D-Bus client)
   sessions    show who holds which PKCS#11 session
   init-token  initialize a token (C_InitToken) through the daemon
-  help    show this text
+  help        show this text
 
 Run "slotwatch COMMAND -h" for a command's options.
 `

@@ -5,6 +5,7 @@ import (
 	"errors"
 	"flag"
 	"fmt"
+	"github.com/slotwatch/slotwatch/internal/p11kitpath"
 	"io"
 	"log/slog"
 	"os"
@@ -18,8 +19,9 @@ import (
 	"github.com/slotwatch/slotwatch/monitor"
 )
 
-// defaultModule is OpenSC's PKCS#11 module on Debian.
-const defaultModule = "/usr/lib/x86_64-linux-gnu/pkcs11/opensc-pkcs11.so"
+// defaultModule is OpenSC's PKCS#11 module, in p11-kit's module directory
+// of this machine's architecture.
+var defaultModule = filepath.Join(p11kitpath.ModuleDir(), "opensc-pkcs11.so")
 
 // stringList is a repeatable flag.
 type stringList []string
@@ -35,6 +37,14 @@ func runWatch(args []string) error {
 	asJSON := fs.Bool("json", false, "print one JSON object per line")
 	verbose := fs.Bool("v", false, "log the monitor's decisions to stderr")
 	logCalls := fs.Bool("log-calls", false, "log every PKCS#11 call to stderr (secrets redacted)")
+	fs.Usage = func() {
+		fmt.Fprintf(fs.Output(), "usage: slotwatch watch [--module PATH]... [--no-pcsc] [--json] [-v] [--log-calls]\n\n"+
+			"Runs the monitor in this process, in the foreground, and prints every change with\n"+
+			"its generation. It loads the modules itself, as any PKCS#11 program does, and\n"+
+			"needs no daemon. `slotwatch monitor` is the D-Bus client of a running daemon\n"+
+			"instead; both print the same JSON.\n\noptions:\n")
+		fs.PrintDefaults()
+	}
 	if err := fs.Parse(args); err != nil {
 		return err
 	}

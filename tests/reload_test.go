@@ -64,7 +64,7 @@ func TestReload(t *testing.T) {
 	// A broken config is refused with its line, and nothing changes.
 	write("[module bad]\nfrobnicate = yes\n")
 	err = conn.Object(busName, rootPath).Call(mgrIface+".Reload", 0).Err
-	if err == nil || !strings.Contains(err.Error(), ":2") {
-		t.Fatalf("Reload with a broken config: %v, want an error naming line 2", err)
+	if errName(err) != errPfx+"InvalidConfig" || !strings.Contains(err.Error(), ":2") {
+		t.Fatalf("Reload with a broken config: %v, want InvalidConfig naming line 2", err)
 	}
 }

@@ -1,12 +1,14 @@
 package stack
 
 import (
+	"github.com/slotwatch/slotwatch/internal/p11kitpath"
 	"os"
 	"path/filepath"
 )
 
-// OpenSCModule is OpenSC's PKCS#11 module (Debian package opensc-pkcs11).
-const OpenSCModule = "/usr/lib/x86_64-linux-gnu/pkcs11/opensc-pkcs11.so"
+// OpenSCModule is OpenSC's PKCS#11 module (Debian package opensc-pkcs11),
+// in p11-kit's module directory of this machine's architecture.
+var OpenSCModule = filepath.Join(p11kitpath.ModuleDir(), "opensc-pkcs11.so")
 
 // OpenSCConfEnv is the variable OpenSC reads its configuration file from.
 const OpenSCConfEnv = "OPENSC_CONF"

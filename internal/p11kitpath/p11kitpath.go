@@ -1,4 +1,5 @@
-package module
+// Package p11kitpath finds p11-kit's PKCS#11 module directory on this machine.
+package p11kitpath
 
 import (
 	"os"
@@ -47,13 +48,13 @@ func MultiarchTriplet(goarch string) string {
 	return ""
 }
 
-// P11KitModuleDirs returns the directories that may be p11-kit's module
+// ModuleDirs returns the directories that may be p11-kit's module
 // directory for a process of architecture goarch, most specific first:
 // /usr/lib/TRIPLET/pkcs11 for each Debian multiarch tuple of goarch, then
 // /usr/lib64/pkcs11 (Fedora, openSUSE; only for 64-bit architectures, or
 // when goarch is unknown), then /usr/lib/pkcs11 (Arch, Alpine, p11-kit's
 // own default).
-func P11KitModuleDirs(goarch string) []string {
+func ModuleDirs(goarch string) []string {
 	a, known := multiarch[goarch]
 	var dirs []string
 	for _, t := range a.triplets {
@@ -65,12 +66,12 @@ func P11KitModuleDirs(goarch string) []string {
 	return append(dirs, "/usr/lib/pkcs11")
 }
 
-// FindP11KitModuleDir returns the first of P11KitModuleDirs(goarch) for
+// FindModuleDir returns the first of ModuleDirs(goarch) for
 // which isDir reports true; when none does, the first of them (where the
 // modules would be on Debian, or /usr/lib64/pkcs11 for an unknown
 // architecture), so that messages about missing modules name a path.
-func FindP11KitModuleDir(goarch string, isDir func(path string) bool) string {
-	dirs := P11KitModuleDirs(goarch)
+func FindModuleDir(goarch string, isDir func(path string) bool) string {
+	dirs := ModuleDirs(goarch)
 	for _, d := range dirs {
 		if isDir(d) {
 			return d
@@ -79,10 +80,10 @@ func FindP11KitModuleDir(goarch string, isDir func(path string) bool) string {
 	return dirs[0]
 }
 
-// P11KitModuleDir is p11-kit's module directory on this machine:
-// FindP11KitModuleDir for runtime.GOARCH and the real file system.
-func P11KitModuleDir() string {
-	return FindP11KitModuleDir(runtime.GOARCH, multiarchIsDir)
+// ModuleDir is p11-kit's module directory on this machine:
+// FindModuleDir for runtime.GOARCH and the real file system.
+func ModuleDir() string {
+	return FindModuleDir(runtime.GOARCH, multiarchIsDir)
 }
 
 func multiarchIsDir(path string) bool {
