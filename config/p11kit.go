@@ -19,7 +19,6 @@ import (
 	"strconv"
 	"strings"
 	"syscall"
-
 )
 
 // p11KitProgramName is the program name enable-in and disable-in are
