@@ -41,6 +41,9 @@ func (b *Broker) InitToken(c Caller, gen uint64, soPIN []byte, label string, for
 	if len(soPIN) > maxPIN {
 		return errorf(ErrInvalidArgument, "a PIN must be at most %d bytes, got %d", maxPIN, len(soPIN))
 	}
+	if !b.live(gen) {
+		return errorf(ErrTokenRemoved, "token generation %d is gone", gen)
+	}
 	b.mu.Lock()
 	ts := b.tokenLocked(gen)
 	if ts.initializing {

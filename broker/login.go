@@ -121,7 +121,7 @@ func (b *Broker) setLogin(h *held, owner string) {
 	for i, s := range ss {
 		states[i] = publicState(s.info.ReadWrite)
 		if owner != "" && s.info.Caller.ID == owner {
-			if st, err := s.mod.SessionState(s.modID); err == nil {
+			if st, err := h.mod.SessionState(s.modID); err == nil {
 				states[i] = st
 			}
 		}

@@ -27,9 +27,10 @@ type SessionInfo struct {
 
 // session is one open session: the module's session (by its registry id)
 // and who owns it. Only info.State changes after opening, under Broker.mu.
+// It holds no module: a call reaches the module only through a held
+// generation (held.mod), which is the token's.
 type session struct {
 	info  SessionInfo
-	mod   *module.Module
 	modID uint64
 }
 
@@ -93,7 +94,7 @@ func (b *Broker) OpenSession(c Caller, gen uint64, readWrite bool) (SessionInfo,
 	}
 	b.nextID++
 	info.ID = b.nextID
-	b.sessions[info.ID] = &session{info: info, mod: h.mod, modID: ms.ID}
+	b.sessions[info.ID] = &session{info: info, modID: ms.ID}
 	b.recent[info.ID%uint64(len(b.recent))] = struct{ id, gen uint64 }{info.ID, gen}
 	if b.obs != nil {
 		b.obs.SessionOpened(info)
