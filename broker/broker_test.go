@@ -11,6 +11,7 @@ import (
 	"github.com/miekg/pkcs11"
 
 	"github.com/slotwatch/slotwatch/module"
+	"github.com/slotwatch/slotwatch/tests/stack"
 )
 
 var (
@@ -417,5 +418,63 @@ func TestConcurrentCallersKeepTheirInvariants(t *testing.T) {
 	}
 	if ss := r.b.Sessions(); len(ss) != 0 {
 		t.Fatalf("sessions left: %v", ss)
+	}
+}
+
+// TestSoftHSM2 runs the broker over a real software token in process:
+// login, sign and logout are the owner's; another caller sees no private
+// key and cannot sign; an SO login refused because of a read-only session
+// names its holder; and InitToken with force and a wrong SO PIN closes
+// nobody's read-write session.
+func TestSoftHSM2(t *testing.T) {
+	if hsmErr != nil {
+		t.Fatalf("no SoftHSM2 store: %v", hsmErr)
+	}
+	r := newRigWith(t, Limits{}, []*module.Module{module.Open(stack.SoftHSMModule, module.Options{Name: "softhsm2"})})
+	gen := r.genOf(hsmLabel)
+	alice, bob := r.caller("alice"), r.caller("bob")
+	a := r.open(alice, gen, false)
+	b := r.open(bob, gen, true)
+	if err := r.b.Login(alice, a.ID, pkcs11.CKU_USER, []byte("000000")); !errors.Is(err, module.ErrPinIncorrect) {
+		t.Fatalf("Login with a wrong PIN: %v", err)
+	}
+	if err := r.b.Login(alice, a.ID, pkcs11.CKU_USER, []byte(hsmPIN)); err != nil {
+		t.Fatalf("Login: %v", err)
+	}
+	sig, err := r.b.Sign(alice, a.ID, []byte{1}, pkcs11.CKM_ECDSA, digest)
+	if err != nil || len(sig) != 64 {
+		t.Fatalf("alice's Sign: %d bytes, %v; want a 64-byte P-256 signature", len(sig), err)
+	}
+	if objs, err := r.b.FindObjects(bob, b.ID, privateKeys); err != nil || len(objs) != 0 {
+		t.Fatalf("bob's FindObjects(private keys) under alice's login: %v, %v", objs, err)
+	}
+	if _, err := r.b.Sign(bob, b.ID, []byte{1}, pkcs11.CKM_ECDSA, digest); !errors.Is(err, ErrNotLoggedIn) {
+		t.Fatalf("bob's Sign under alice's login: %v, want ErrNotLoggedIn", err)
+	}
+	if err := r.b.Logout(alice, a.ID); err != nil {
+		t.Fatal(err)
+	}
+
+	// InitToken with force and a wrong SO PIN: only bob's read-write
+	// session is open, so the SO PIN is checked first and bob's session
+	// stays.
+	if err := r.b.CloseSession(alice, a.ID); err != nil {
+		t.Fatal(err)
+	}
+	err = r.b.InitToken(alice, gen, []byte("00000000"), "wiped", true)
+	if !errors.Is(err, module.ErrPinIncorrect) {
+		t.Fatalf("InitToken with a wrong SO PIN: %v, want CKR_PIN_INCORRECT", err)
+	}
+	if ss := r.b.Sessions(); len(ss) != 1 || ss[0].ID != b.ID {
+		t.Fatalf("sessions after a refused InitToken: %v, want bob's", ss)
+	}
+
+	// An SO login while bob holds a read-only session names bob.
+	ro := r.open(bob, gen, false)
+	so := r.open(alice, gen, true)
+	err = r.b.Login(alice, so.ID, pkcs11.CKU_SO, []byte(hsmSO))
+	var se *SessionsExistError
+	if !errors.As(err, &se) || !slices.ContainsFunc(se.Holders, func(c Caller) bool { return c.ID == bob.ID }) {
+		t.Fatalf("SO login with bob's read-only session %d open: %v, want SessionsExist naming bob", ro.ID, err)
 	}
 }

@@ -13,6 +13,7 @@ import (
 	"github.com/slotwatch/slotwatch/module"
 	"github.com/slotwatch/slotwatch/monitor"
 	"github.com/slotwatch/slotwatch/tests/faultmod"
+	"github.com/slotwatch/slotwatch/tests/stack"
 )
 
 // The broker's tests load the fault-injection module in this process
@@ -25,7 +26,18 @@ const (
 	fmPIN   = "1234" // faultmod's user and SO PIN unless set
 )
 
-var fmSocket string
+var (
+	fmSocket string
+	hsmErr   error // why there is no SoftHSM2 store (the SoftHSM2 test says it)
+)
+
+// The SoftHSM2 store of this process: SoftHSM reads SOFTHSM2_CONF once,
+// at its first C_Initialize.
+const (
+	hsmLabel = "broker hsm"
+	hsmSO    = "55667788"
+	hsmPIN   = "135792"
+)
 
 func TestMain(m *testing.M) {
 	dir, err := os.MkdirTemp("", "slotwatch-broker-test-")
@@ -38,6 +50,17 @@ func TestMain(m *testing.M) {
 		k, v, _ := strings.Cut(kv, "=")
 		os.Setenv(k, v)
 	}
+	hsm, err := stack.NewSoftHSM(filepath.Join(dir, "softhsm"))
+	if err == nil {
+		err = hsm.InitToken(hsmLabel, hsmSO, hsmPIN)
+	}
+	if err == nil {
+		err = hsm.GenerateECKey(hsmLabel, hsmPIN, "01", "signing key")
+	}
+	if err == nil {
+		os.Setenv("SOFTHSM2_CONF", hsm.Conf)
+	}
+	hsmErr = err
 	code := m.Run()
 	os.RemoveAll(dir)
 	os.Exit(code)
@@ -59,6 +82,12 @@ type rig struct {
 // newRig starts the broker with tokens in the given slots (label and
 // serial "tN" for slot N).
 func newRig(t *testing.T, limits Limits, slots ...uint) *rig {
+	t.Helper()
+	return newRigWith(t, limits, nil, slots...)
+}
+
+// newRigWith is newRig with more modules watched next to faultmod.
+func newRigWith(t *testing.T, limits Limits, extra []*module.Module, slots ...uint) *rig {
 	t.Helper()
 	path, err := faultmod.Path()
 	if err != nil {
@@ -88,13 +117,17 @@ func newRig(t *testing.T, limits Limits, slots ...uint) *rig {
 			t.Fatal(err)
 		}
 	}
-	mon, err := monitor.New(monitor.Config{Modules: []monitor.Module{mod}})
+	watched := []monitor.Module{mod}
+	for _, m := range extra {
+		watched = append(watched, m)
+	}
+	mon, err := monitor.New(monitor.Config{Modules: watched})
 	if err != nil {
 		t.Fatal(err)
 	}
 	mod.Finalize() // the monitor holds its own reference
 	r := &rig{t: t, mon: mon, ctl: ctl, obs: &recorder{}, stop: make(chan struct{}), done: make(chan struct{})}
-	r.b = New(mon, module.NewSet(mod), Options{Limits: limits, Observer: r.obs})
+	r.b = New(mon, module.NewSet(append([]*module.Module{mod}, extra...)...), Options{Limits: limits, Observer: r.obs})
 	snap, sub := mon.Subscribe()
 	go func() {
 		defer close(r.done)
@@ -135,6 +168,22 @@ func (r *rig) gen(slot uint) uint64 {
 		if ok && s.Token != nil {
 			gen = s.Token.Generation
 			return true
+		}
+		return false
+	})
+	return gen
+}
+
+// genOf waits for the token labelled label and returns its generation.
+func (r *rig) genOf(label string) uint64 {
+	r.t.Helper()
+	var gen uint64
+	r.waitFor("token "+label, func() bool {
+		for _, t := range r.mon.Snapshot().Tokens() {
+			if t.Label == label {
+				gen = t.Generation
+				return true
+			}
 		}
 		return false
 	})
