@@ -29,31 +29,21 @@ func checkPIN(pin []byte, tokenFlags uint) error {
 // closes its last session there. The broker reads pin and does not keep
 // or wipe it: the face owns the buffer.
 func (b *Broker) Login(c Caller, id uint64, userType uint, pin []byte) error {
-	exit, err := b.enter(c)
-	if err != nil {
-		return err
-	}
-	defer exit()
-	s, err := b.own(c, id)
-	if err != nil {
-		return err
-	}
-	switch userType {
-	case pkcs11.CKU_SO, pkcs11.CKU_USER:
-	case pkcs11.CKU_CONTEXT_SPECIFIC:
-		// It has to come between C_SignInit and C_Sign, which Sign makes
-		// in one call.
-		return errorf(ErrNotSupported, "context-specific login is not offered in this version")
-	default:
+	h, s, end, err := b.begin(c, id, true, func() error {
+		switch userType {
+		case pkcs11.CKU_SO, pkcs11.CKU_USER:
+			return nil
+		case pkcs11.CKU_CONTEXT_SPECIFIC:
+			// It has to come between C_SignInit and C_Sign, which Sign
+			// makes in one call.
+			return errorf(ErrNotSupported, "context-specific login is not offered in this version")
+		}
 		return errorf(ErrInvalidArgument, "unknown user type %d (0 SO, 1 user, 2 context specific)", userType)
-	}
-	ctx, cancel := b.waitCtx()
-	defer cancel()
-	h, err := b.hold(ctx, s.info.Generation, true)
+	})
 	if err != nil {
 		return err
 	}
-	defer h.done()
+	defer end()
 	if err := checkPIN(pin, h.tok.Flags); err != nil {
 		return err
 	}
@@ -78,22 +68,11 @@ func (b *Broker) Login(c Caller, id uint64, userType uint, pin []byte) error {
 // logged in can (some modules, SoftHSM2 among them, answer CKR_OK to a
 // logout nobody asked for; the broker answers ErrNotLoggedIn).
 func (b *Broker) Logout(c Caller, id uint64) error {
-	exit, err := b.enter(c)
+	h, s, end, err := b.begin(c, id, true, nil)
 	if err != nil {
 		return err
 	}
-	defer exit()
-	s, err := b.own(c, id)
-	if err != nil {
-		return err
-	}
-	ctx, cancel := b.waitCtx()
-	defer cancel()
-	h, err := b.hold(ctx, s.info.Generation, true)
-	if err != nil {
-		return err
-	}
-	defer h.done()
+	defer end()
 	if b.loginOf(h.state) != c.ID {
 		return errorf(ErrNotLoggedIn, "this client is not logged in to the token")
 	}

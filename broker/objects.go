@@ -70,16 +70,15 @@ type Certificate struct {
 // need a login (CKA_PRIVATE) are left out: they are visible only through
 // that caller's login.
 func (b *Broker) FindObjects(c Caller, id uint64, t Template) ([]Object, error) {
-	attrs, err := t.attributes()
+	var attrs []*pkcs11.Attribute
+	h, s, end, err := b.begin(c, id, false, func() (err error) {
+		attrs, err = t.attributes()
+		return err
+	})
 	if err != nil {
 		return nil, err
 	}
-	h, s, exit, err := b.holdSession(c, id)
-	if err != nil {
-		return nil, err
-	}
-	defer exit()
-	defer h.done()
+	defer end()
 	handles, err := h.mod.FindObjects(s.modID, attrs, b.limits.FindResults)
 	if err != nil {
 		return nil, err
@@ -99,26 +98,29 @@ func (b *Broker) FindObjects(c Caller, id uint64, t Template) ([]Object, error) 
 	return out, nil
 }
 
-// holdSession checks that c owns session id and holds its token, shared,
-// for one call.
-func (b *Broker) holdSession(c Caller, id uint64) (*held, *session, func(), error) {
+// begin starts a call on c's session id: it takes one of c's call slots,
+// checks that c owns the session, then validates the call's arguments
+// (after the ownership check: a stranger learns nothing from them), then
+// holds the session's token, shared or exclusive. end undoes it all.
+func (b *Broker) begin(c Caller, id uint64, exclusive bool, validate func() error) (h *held, s *session, end func(), err error) {
 	exit, err := b.enter(c)
 	if err != nil {
 		return nil, nil, nil, err
 	}
-	s, err := b.own(c, id)
+	if s, err = b.own(c, id); err == nil && validate != nil {
+		err = validate()
+	}
 	if err != nil {
 		exit()
 		return nil, nil, nil, err
 	}
 	ctx, cancel := b.waitCtx()
 	defer cancel()
-	h, err := b.hold(ctx, s.info.Generation, false)
-	if err != nil {
+	if h, err = b.hold(ctx, s.info.Generation, exclusive); err != nil {
 		exit()
 		return nil, nil, nil, err
 	}
-	return h, s, exit, nil
+	return h, s, func() { h.done(); exit() }, nil
 }
 
 // loggedInByOther tells whether another caller than c owns h's login. h
@@ -266,22 +268,21 @@ func (b *Broker) ListCertificates(c Caller, gen uint64) ([]Certificate, error) {
 // with ErrNotLoggedIn while another caller owns the token's login: that
 // login is not c's to use.
 func (b *Broker) Sign(c Caller, id uint64, keyID []byte, mechanism uint, data []byte) ([]byte, error) {
-	if len(keyID) == 0 || len(keyID) > maxKeyID {
-		return nil, errorf(ErrInvalidArgument, "key_id must be 1 to %d bytes, got %d", maxKeyID, len(keyID))
-	}
-	if len(data) == 0 || len(data) > maxSignData {
-		return nil, errorf(ErrInvalidArgument, "data must be 1 to %d bytes, got %d", maxSignData, len(data))
-	}
-	mech, err := signMechanism(mechanism)
+	var mech *pkcs11.Mechanism
+	h, s, end, err := b.begin(c, id, false, func() (err error) {
+		if len(keyID) == 0 || len(keyID) > maxKeyID {
+			return errorf(ErrInvalidArgument, "key_id must be 1 to %d bytes, got %d", maxKeyID, len(keyID))
+		}
+		if len(data) == 0 || len(data) > maxSignData {
+			return errorf(ErrInvalidArgument, "data must be 1 to %d bytes, got %d", maxSignData, len(data))
+		}
+		mech, err = signMechanism(mechanism)
+		return err
+	})
 	if err != nil {
 		return nil, err
 	}
-	h, s, exit, err := b.holdSession(c, id)
-	if err != nil {
-		return nil, err
-	}
-	defer exit()
-	defer h.done()
+	defer end()
 	if b.loggedInByOther(h, c) {
 		return nil, errorf(ErrNotLoggedIn, "the token is logged in by another client, not by this one")
 	}

@@ -17,6 +17,7 @@ import (
 	"bufio"
 	"errors"
 	"fmt"
+	"github.com/slotwatch/slotwatch/broker"
 	"io"
 	"io/fs"
 	"os"
@@ -51,38 +52,14 @@ type Config struct {
 	Source           string // the file it came from, "" for the built-in defaults
 }
 
-// Limits bound what one caller (one D-Bus connection, one PKCS#11 socket
-// connection) may take of the daemon. Whoever brokers calls enforces
-// them; this package only reads them. Every field is within the range
-// the config file allows (see Parse) when it comes from Default or Parse.
-type Limits struct {
-	// SessionsPerToken is how many sessions one caller may hold on one
-	// token at once (max-sessions-per-token, 1..1024).
-	SessionsPerToken int
-	// ConcurrentCalls is how many calls one caller may have running at
-	// once (max-concurrent-calls, 1..256).
-	ConcurrentCalls int
-	// FindResults is the most objects one FindObjects call returns
-	// (max-find-results, 1..100000).
-	FindResults int
-	// TokenWait is how long a call waits for its token when another
-	// caller's login or InitToken is in progress or a removed token is
-	// still draining, before it fails with Busy (token-wait, more than 0
-	// and at most 60 seconds).
-	TokenWait time.Duration
-}
+// Limits are the broker's per-caller limits (broker.Limits documents
+// each); this package reads them from the file, within the ranges Parse
+// checks (see the keys below).
+type Limits = broker.Limits
 
-// DefaultLimits are the limits without a config file or without the keys:
-// 16 sessions per token, 8 concurrent calls, 1000 FindObjects results,
-// a 5 second token wait.
-func DefaultLimits() Limits {
-	return Limits{
-		SessionsPerToken: 16,
-		ConcurrentCalls:  8,
-		FindResults:      1000,
-		TokenWait:        5 * time.Second,
-	}
-}
+// DefaultLimits are the limits without a config file or without the keys
+// (broker.DefaultLimits).
+func DefaultLimits() Limits { return broker.DefaultLimits() }
 
 // Module is one PKCS#11 module to load.
 type Module struct {
@@ -99,10 +76,9 @@ type Module struct {
 	From string
 	// Critical is p11-kit's "critical: yes": the registry says the module
 	// is required, and p11-kit itself gives up when such a module fails.
-	// Whoever loads the module should report its failure to load or
-	// initialize as an error rather than a warning (slotwatch still goes
-	// on with the other modules). Always false for config and flag
-	// modules.
+	// slotwatch logs its failure to load or initialize as an error
+	// rather than a warning, and goes on with the other modules. Always
+	// false for config and flag modules.
 	Critical bool
 	// InitReserved is p11-kit's "x-init-reserved" value, which p11-kit
 	// passes to the module's C_Initialize as CK_C_INITIALIZE_ARGS

@@ -51,3 +51,21 @@ func (l *loadedModules) apply(mods []config.Module) []monitor.Module {
 	l.set.Replace(list)
 	return watched
 }
+
+// reportCritical says, as an error, which modules the p11-kit registry
+// marks critical ("critical: yes") failed to load or initialize in snap:
+// p11-kit itself gives up on such a failure; slotwatch goes on with the
+// other modules, and says so louder than for the rest.
+func reportCritical(log *slog.Logger, mods []config.Module, snap *monitor.Snapshot) {
+	for _, mc := range mods {
+		if !mc.Critical {
+			continue
+		}
+		for _, mv := range snap.Modules {
+			if mv.Name == mc.Name && mv.State == monitor.ModuleFailed {
+				log.Error("a module the p11-kit registry marks critical failed; slotwatch goes on with the others",
+					"module", mc.Name, "path", mc.Path, "source", mc.Source, "reason", mv.StateReason)
+			}
+		}
+	}
+}

@@ -79,9 +79,10 @@ func runServe(args []string) error {
 	if err != nil {
 		return err
 	}
+	reportCritical(logger, mods, mon.Snapshot())
 	limits := broker.DefaultLimits()
 	if cfg != nil {
-		limits = broker.Limits(cfg.Limits)
+		limits = cfg.Limits
 	}
 	br := broker.New(mon, loaded.set, broker.Options{Limits: limits, Logger: logger})
 	var pol atomic.Pointer[policy.Policy] // set once the service is up; Reload reconfigures it
@@ -106,6 +107,7 @@ func runServe(args []string) error {
 			if err != nil {
 				return nil, err
 			}
+			reportCritical(logger, mods, snap)
 			logger.Info("reloaded", "modules", len(mods))
 			return snap, nil
 		},
