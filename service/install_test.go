@@ -395,7 +395,7 @@ func TestUnitHardening(t *testing.T) {
 		"LimitCORE":               "0",
 		"KeyringMode":             "private",
 		"MemoryMax":               "256M",
-		"TasksMax":                "256",
+		"TasksMax":                "1024",
 		"SystemCallFilter":        "~@clock @cpu-emulation @debug @module @mount @obsolete @raw-io @reboot @swap",
 		"SystemCallErrorNumber":   "EPERM",
 		"SystemCallArchitectures": "native",
