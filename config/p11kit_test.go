@@ -2,7 +2,6 @@ package config
 
 import (
 	"errors"
-	"github.com/slotwatch/slotwatch/internal/p11kitpath"
 	"os"
 	"path/filepath"
 	"reflect"
@@ -10,6 +9,8 @@ import (
 	"slices"
 	"strings"
 	"testing"
+
+	"github.com/slotwatch/slotwatch/internal/p11kitpath"
 
 	"github.com/slotwatch/slotwatch/policy"
 )
@@ -490,8 +491,8 @@ func TestP11KitFlagModuleName(t *testing.T) {
 		"/opt/pkcs11.dylib":                                 "pkcs11_dylib",
 	}
 	for in, want := range tests {
-		if got := flagModuleName(in); got != want {
-			t.Errorf("flagModuleName(%q) = %q, want %q", in, got, want)
+		if got := FlagModuleName(in); got != want {
+			t.Errorf("FlagModuleName(%q) = %q, want %q", in, got, want)
 		}
 	}
 }

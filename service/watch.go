@@ -5,7 +5,6 @@ import (
 	"errors"
 	"flag"
 	"fmt"
-	"github.com/slotwatch/slotwatch/internal/p11kitpath"
 	"io"
 	"log/slog"
 	"os"
@@ -14,6 +13,9 @@ import (
 	"strings"
 	"syscall"
 	"time"
+
+	"github.com/slotwatch/slotwatch/config"
+	"github.com/slotwatch/slotwatch/internal/p11kitpath"
 
 	"github.com/slotwatch/slotwatch/module"
 	"github.com/slotwatch/slotwatch/monitor"
@@ -59,7 +61,7 @@ func runWatch(args []string) error {
 
 	var mods []monitor.Module
 	for _, path := range modules {
-		opts := module.Options{Name: moduleName(path)}
+		opts := module.Options{Name: config.FlagModuleName(path)}
 		if *logCalls {
 			opts.CallLog = logger
 		}
@@ -86,16 +88,6 @@ func runWatch(args []string) error {
 		}
 		printEvent(os.Stdout, ev, *asJSON)
 	}
-}
-
-// moduleName derives a short name from a module path:
-// ".../opensc-pkcs11.so" → "opensc-pkcs11".
-func moduleName(path string) string {
-	base := filepath.Base(path)
-	if i := strings.Index(base, ".so"); i > 0 {
-		base = base[:i]
-	}
-	return strings.TrimPrefix(base, "lib")
 }
 
 func printSnapshot(w io.Writer, s *monitor.Snapshot, asJSON bool) {
