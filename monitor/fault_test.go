@@ -298,3 +298,25 @@ func TestModuleErrorsOnCue(t *testing.T) {
 		})
 	}
 }
+
+// TestRescan: Rescan re-reads every module at once, without an event from
+// any source (what a resume from suspend needs): a token inserted while
+// the module's wait hangs shows up right after Rescan, long before the
+// safety re-read.
+func TestRescan(t *testing.T) {
+	ctl, mon, sub := faultWorld(t, monitor.Config{SafetyInterval: time.Hour})
+	if err := ctl.SetWait(faultmod.WaitHang, 0); err != nil {
+		t.Fatal(err)
+	}
+	if err := ctl.Insert(1, "Resumed", "f0020001"); err != nil {
+		t.Fatal(err)
+	}
+	if _, ok := mon.Snapshot().Slot(monitor.SlotKey{Module: "fault", ID: 1}); !ok {
+		t.Fatal("no slot 1 in the snapshot")
+	}
+	mon.Rescan()
+	ev := nextEvent(t, sub, monitor.TokenInserted)
+	if ev.Token.Label != "Resumed" || ev.Token.Slot.ID != 1 {
+		t.Fatalf("after Rescan: %v, want the token inserted in slot 1", ev)
+	}
+}

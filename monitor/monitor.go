@@ -155,6 +155,7 @@ type reports struct {
 	waitUnsupported map[string]bool
 	waitFailed      map[string]error
 	drained         []uint64
+	rescan          bool // Rescan: re-read every module and PC/SC
 }
 
 // New starts a monitor: it initializes the modules, starts the sources and
@@ -294,6 +295,16 @@ func (m *Monitor) wake() {
 	case m.wakeCh <- struct{}{}:
 	default:
 	}
+}
+
+// Rescan has the loop re-read PC/SC and every module at once, as after a
+// resume from suspend: a wake-up like any other (rule 1), with nothing
+// assumed unchanged.
+func (m *Monitor) Rescan() {
+	m.inbox.mu.Lock()
+	m.inbox.rescan = true
+	m.inbox.mu.Unlock()
+	m.wake()
 }
 
 func (m *Monitor) markModuleDirty(name string) {
@@ -611,5 +622,6 @@ func (l *loop) takeInbox() reports {
 	in.pcscDirty, in.pcscRecovered = false, false
 	in.modulesDirty, in.waitUnsupported, in.waitFailed = map[string]bool{}, map[string]bool{}, map[string]error{}
 	in.drained = nil
+	in.rescan = false
 	return got
 }

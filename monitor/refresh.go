@@ -17,6 +17,7 @@ import (
 func (l *loop) refresh(all bool) {
 	in := l.takeInbox()
 	now := time.Now()
+	all = all || in.rescan
 
 	for _, gen := range in.drained {
 		l.reclaim(gen)
