@@ -22,4 +22,22 @@
 // Failures are states, not log lines: pcscd going away, or a module that
 // keeps failing, makes the monitor Degraded; it recovers by itself with a
 // capped backoff, forever. Close unblocks every wait and returns promptly.
+//
+// One event, top to bottom, file by file:
+//
+//   - source_pcsc.go, source_waiter.go: the sources. Each only wakes the
+//     loop (Monitor.wake, markModuleDirty) and says nothing else it knows;
+//   - monitor.go: the Monitor (the public API, Config) and the inbox the
+//     sources write to;
+//   - loop.go: the loop, the one goroutine that owns the state: what to
+//     read when (refresh: events, polls, safety re-reads, settling cards,
+//     retries), and its timer;
+//   - modules.go: modules' initialization, failure, recovery and
+//     replacement;
+//   - read_pcsc.go, read_slots.go: reading PC/SC and the modules, and the
+//     identity of a token (same insertion or a new generation);
+//   - diff.go: the pure diff of two snapshots into ordered events;
+//   - publish.go: commit — the snapshot, the diff's side effects on
+//     generations (leases.go: holds and deferred reclamation), publishing;
+//   - snapshot.go, events.go: what subscribers get.
 package monitor
