@@ -2,6 +2,7 @@ package tests
 
 import (
 	"bufio"
+	"errors"
 	"fmt"
 	"io"
 	"math/rand/v2"
@@ -240,7 +241,7 @@ func BenchmarkGnomeInsertToIsInserted(b *testing.B) {
 type latencyRun struct {
 	cmd  *exec.Cmd
 	card *vcard.Card
-	sigs chan *godbus.Signal // the signals insertLatency waited for
+	sigs <-chan time.Time // arrival of the signals insertLatency waited for
 }
 
 // insertLatency inserts and removes a virtual card b.N times at jittered
@@ -267,6 +268,29 @@ func insertLatency(b *testing.B, daemonArgs []string, match []godbus.MatchOption
 		b.Fatal(err)
 	}
 	b.Cleanup(func() { obs.Close() })
+	sigs := subscribeStamped(b, bus, match, isInsert)
+	card := vcard.New(pcscd.Addr(0), vcard.Profile{Label: "Bench Card", Serial: "be0c0001"})
+	b.Cleanup(func() { card.Close() })
+
+	b.ResetTimer()
+	l := insertCycles(b, b.N, card, obs, reader, func(start time.Time) (time.Time, error) {
+		return nextStamp(sigs, start)
+	})
+	b.StopTimer()
+	b.ReportMetric(quantile(l.raw, 0.5), "pcsc-median-ms")
+	b.ReportMetric(quantile(l.raw, 0.9), "pcsc-p90-ms")
+	b.ReportMetric(quantile(l.sub, 0.5), "signal-median-ms")
+	b.ReportMetric(quantile(l.sub, 0.9), "signal-p90-ms")
+	b.ReportMetric(quantile(l.added, 0.5), "added-median-ms")
+	b.ReportMetric(quantile(l.added, 0.9), "added-p90-ms")
+	return latencyRun{cmd: daemonCmd, card: card, sigs: sigs}
+}
+
+// subscribeStamped subscribes on a connection of its own (closed by b's
+// cleanup) to the signals match selects and returns the arrival time of
+// each one isInsert accepts, taken as the connection delivers it.
+func subscribeStamped(b *testing.B, bus *stack.DBus, match []godbus.MatchOption, isInsert func(*godbus.Signal) bool) <-chan time.Time {
+	b.Helper()
 	conn, err := godbus.Connect(bus.Address, godbus.WithSignalHandler(godbus.NewSequentialSignalHandler()))
 	if err != nil {
 		b.Fatal(err)
@@ -277,20 +301,52 @@ func insertLatency(b *testing.B, daemonArgs []string, match []godbus.MatchOption
 	}
 	all := make(chan *godbus.Signal, 100)
 	conn.Signal(all)
-	sigs := make(chan *godbus.Signal, 100)
+	stamps := make(chan time.Time, 100)
 	go func() {
 		for sig := range all {
-			if isInsert(sig) {
-				sigs <- sig
+			if now := time.Now(); isInsert(sig) {
+				select {
+				case stamps <- now:
+				default: // nobody reads any more (an earlier phase's subscriber)
+				}
 			}
 		}
 	}()
-	card := vcard.New(pcscd.Addr(0), vcard.Profile{Label: "Bench Card", Serial: "be0c0001"})
-	b.Cleanup(func() { card.Close() })
+	return stamps
+}
 
-	var raw, sub, added []time.Duration
-	b.ResetTimer()
-	for range b.N {
+// nextStamp returns the first time from stamps that is after start (older
+// ones belong to earlier cycles), waiting at most 5 s.
+func nextStamp(stamps <-chan time.Time, start time.Time) (time.Time, error) {
+	timeout := time.After(5 * time.Second)
+	for {
+		select {
+		case t := <-stamps:
+			if t.After(start) {
+				return t, nil
+			}
+		case <-timeout:
+			return time.Time{}, errors.New("no insertion seen within 5 s")
+		}
+	}
+}
+
+// latencies are insertCycles' measurements, one entry per insertion.
+type latencies struct {
+	raw   []time.Duration // insert → pcscd reported it (the observer): the baseline
+	sub   []time.Duration // insert → the face under test saw it
+	added []time.Duration // what the face adds over pcscd: sub - raw
+}
+
+// insertCycles inserts and removes card n times at jittered moments (0–400
+// ms, so that vpcd's 400 ms presence poll is sampled evenly). For each
+// insertion it waits for obs to report the card present in reader, then
+// asks seenBy when the face under test saw that insertion (seenBy gets the
+// moment of the insert and waits for the first sighting after it).
+func insertCycles(b *testing.B, n int, card *vcard.Card, obs *stack.Observer, reader string, seenBy func(start time.Time) (time.Time, error)) latencies {
+	b.Helper()
+	var l latencies
+	for range n {
 		time.Sleep(time.Duration(rand.IntN(400)) * time.Millisecond)
 		start := time.Now()
 		if err := card.Insert(); err != nil {
@@ -300,29 +356,20 @@ func insertLatency(b *testing.B, daemonArgs []string, match []godbus.MatchOption
 		if err != nil {
 			b.Fatal(err)
 		}
-		select {
-		case <-sigs:
-			got := time.Now()
-			raw = append(raw, seen.Time.Sub(start))
-			sub = append(sub, got.Sub(start))
-			added = append(added, got.Sub(seen.Time))
-		case <-time.After(5 * time.Second):
-			b.Fatal("the subscriber saw no insertion")
+		got, err := seenBy(start)
+		if err != nil {
+			b.Fatalf("the face under test: %v", err)
 		}
+		l.raw = append(l.raw, seen.Time.Sub(start))
+		l.sub = append(l.sub, got.Sub(start))
+		l.added = append(l.added, got.Sub(seen.Time))
 		time.Sleep(time.Duration(rand.IntN(400)) * time.Millisecond)
 		card.Remove()
 		if _, err := obs.WaitFor(reader, func(c stack.ObservedChange) bool { return !c.Present }, 5*time.Second); err != nil {
 			b.Fatal(err)
 		}
 	}
-	b.StopTimer()
-	b.ReportMetric(quantile(raw, 0.5), "pcsc-median-ms")
-	b.ReportMetric(quantile(raw, 0.9), "pcsc-p90-ms")
-	b.ReportMetric(quantile(sub, 0.5), "signal-median-ms")
-	b.ReportMetric(quantile(sub, 0.9), "signal-p90-ms")
-	b.ReportMetric(quantile(added, 0.5), "added-median-ms")
-	b.ReportMetric(quantile(added, 0.9), "added-p90-ms")
-	return latencyRun{cmd: daemonCmd, card: card, sigs: sigs}
+	return l
 }
 
 func quantile(ds []time.Duration, q float64) float64 {
