@@ -23,6 +23,7 @@ import (
 	"io/fs"
 	"os"
 	"path/filepath"
+	"time"
 
 	"github.com/slotwatch/slotwatch/broker"
 	"github.com/slotwatch/slotwatch/policy"
@@ -44,10 +45,14 @@ type Config struct {
 	// line, GNOME's own setting applies.
 	RemovalActionSet bool
 	RemovalScope     policy.Scope // which tokens' removal triggers RemovalAction
-	Notify           bool         // show a desktop notification on insertion and removal
-	Limits           Limits       // per-caller limits; DefaultLimits unless the file sets them
-	Modules          []Module
-	Source           string // the file it came from, "" for the built-in defaults
+	// RemovalGrace is how long RemovalAction waits for the removed token
+	// (the same serial and label) to come back, as after a USB reset or a
+	// resume from suspend; 0 acts at once. See policy.Config.RemovalGrace.
+	RemovalGrace time.Duration
+	Notify       bool   // show a desktop notification on insertion and removal
+	Limits       Limits // per-caller limits; DefaultLimits unless the file sets them
+	Modules      []Module
+	Source       string // the file it came from, "" for the built-in defaults
 }
 
 // Limits are the broker's per-caller limits (broker.Limits documents
@@ -93,13 +98,21 @@ type Module struct {
 	Source string
 }
 
+// DefaultRemovalGrace is removal-grace without the key: long enough for a
+// USB token to re-enumerate after a bus reset or a resume (typically 1 to
+// 2 s), short enough that an unattended session is locked soon after its
+// token was pulled.
+const DefaultRemovalGrace = 3 * time.Second
+
 // Default is what slotwatch runs with when there is no config file:
-// no removal action, scope login-token, no notifications, DefaultLimits,
-// no [module] sections (so p11-kit's registry supplies the modules).
+// no removal action, scope login-token, DefaultRemovalGrace, no
+// notifications, DefaultLimits, no [module] sections (so p11-kit's
+// registry supplies the modules).
 func Default() *Config {
 	return &Config{
 		RemovalAction: policy.ActionNone,
 		RemovalScope:  policy.Scope{Kind: policy.ScopeLoginToken},
+		RemovalGrace:  DefaultRemovalGrace,
 		Limits:        DefaultLimits(),
 	}
 }

@@ -42,13 +42,19 @@ isolate = false                  # true: load through p11-kit remote (crash isol
 		})},
 		{"every value set", `removal-action=force-logout
 removal-scope = any
+removal-grace = 1.5
 notify = true
 `, def(func(c *Config) {
 			c.RemovalAction = policy.ActionForceLogout
 			c.RemovalActionSet = true
 			c.RemovalScope = policy.Scope{Kind: policy.ScopeAny}
+			c.RemovalGrace = 1500 * time.Millisecond
 			c.Notify = true
 		})},
+		{"removal-grace 0 acts at once", "removal-grace = 0\n", def(func(c *Config) { c.RemovalGrace = 0 })},
+		{"removal-grace 0.0", "removal-grace = 0.0\n", def(func(c *Config) { c.RemovalGrace = 0 })},
+		{"removal-grace at most 60", "removal-grace = 60\n", def(func(c *Config) { c.RemovalGrace = time.Minute })},
+		{"removal-grace with a comment", "removal-grace = 10   # a slow hub\n", def(func(c *Config) { c.RemovalGrace = 10 * time.Second })},
 		{"lock-screen", "removal-action = lock-screen\n", def(func(c *Config) {
 			c.RemovalAction = policy.ActionLockScreen
 			c.RemovalActionSet = true
@@ -113,7 +119,7 @@ func TestParseBad(t *testing.T) {
 		line int
 		msg  string // a substring of the message
 	}{
-		{"unknown key", "notify = true\n\n# x\nfoo = bar\n", 4, `unknown key "foo" (known: removal-action, removal-scope, notify, max-sessions-per-token, max-concurrent-calls, max-find-results, token-wait)`},
+		{"unknown key", "notify = true\n\n# x\nfoo = bar\n", 4, `unknown key "foo" (known: removal-action, removal-scope, removal-grace, notify, max-sessions-per-token, max-concurrent-calls, max-find-results, token-wait)`},
 		{"unknown module key", "[module a]\npath = /a.so\nlibrary = /b.so\n", 3, `unknown key "library" in [module a] (known: path, isolate)`},
 		{"top-level key in a section", "[module a]\npath = /a.so\nnotify = true\n", 3, `key "notify" is not a module key; top-level keys go before the first [module] section`},
 		{"no equals sign", "notify true\n", 1, `expected "key = value", "[module NAME]" or a comment, got "notify true"`},
@@ -175,6 +181,17 @@ func TestParseBad(t *testing.T) {
 		{"token-wait comma", "token-wait = 0,5\n", 1, `bad value "0,5" for token-wait`},
 		{"token-wait empty", "token-wait =\n", 1, `bad value "" for token-wait`},
 		{"duplicate limit", "token-wait = 1\ntoken-wait = 2\n", 2, `duplicate key "token-wait" (first set on line 1)`},
+		{"removal-grace 60.5", "notify = true\nremoval-grace = 60.5\n", 2, `removal-grace = 60.5 is out of range (want seconds, from 0 to 60)`},
+		{"removal-grace huge", "removal-grace = 100000000000000000000\n", 1, `removal-grace = 100000000000000000000 is out of range`},
+		{"removal-grace negative", "removal-grace = -1\n", 1, `bad value "-1" for removal-grace (want seconds such as 5 or 0.5, from 0 to 60)`},
+		{"removal-grace with a unit", "removal-grace = 3s\n", 1, `bad value "3s" for removal-grace`},
+		{"removal-grace leading dot", "removal-grace = .5\n", 1, `bad value ".5" for removal-grace`},
+		{"removal-grace trailing dot", "removal-grace = 5.\n", 1, `bad value "5." for removal-grace`},
+		{"removal-grace exponent", "removal-grace = 1e1\n", 1, `bad value "1e1" for removal-grace`},
+		{"removal-grace empty", "removal-grace =\n", 1, `bad value "" for removal-grace`},
+		{"removal-grace none", "removal-grace = none\n", 1, `bad value "none" for removal-grace`},
+		{"duplicate removal-grace", "removal-grace = 1\n\nremoval-grace = 2\n", 3, `duplicate key "removal-grace" (first set on line 1)`},
+		{"removal-grace in a module section", "[module a]\npath = /a.so\nremoval-grace = 5\n", 3, `key "removal-grace" is not a module key`},
 		{"limit in a module section", "[module a]\npath = /a.so\nmax-find-results = 5\n", 3, `key "max-find-results" is not a module key`},
 	}
 	for _, tt := range tests {
@@ -315,6 +332,12 @@ func TestLoad(t *testing.T) {
 	_, err = Load(dir)
 	if err == nil || !strings.Contains(err.Error(), "is a directory") {
 		t.Errorf("Load(dir) = %v, want an error", err)
+	}
+}
+
+func TestDefaultRemovalGrace(t *testing.T) {
+	if got := Default().RemovalGrace; got != 3*time.Second {
+		t.Errorf("Default().RemovalGrace = %v, want 3s", got)
 	}
 }
 

@@ -17,7 +17,7 @@ import (
 // The keys the config file knows, in the order error messages list them.
 var (
 	topKeys = []string{
-		"removal-action", "removal-scope", "notify",
+		"removal-action", "removal-scope", "removal-grace", "notify",
 		"max-sessions-per-token", "max-concurrent-calls", "max-find-results", "token-wait",
 	}
 	moduleKeys = []string{"path", "isolate"}
@@ -30,6 +30,7 @@ const (
 	maxConcurrentCalls  = 256
 	maxFindResults      = 100000
 	maxTokenWait        = 60 * time.Second
+	maxRemovalGrace     = 60 * time.Second
 )
 
 // Parse parses a config file read from r; name is the file's name in
@@ -46,6 +47,9 @@ const (
 //
 //	removal-action          none | lock-screen | force-logout
 //	removal-scope           login-token | any | serial:SERIAL[,SERIAL...]
+//	removal-grace           seconds, digits with an optional decimal
+//	                        fraction (3, 0.5), from 0 (act at once) to 60
+//	                        (Config.RemovalGrace)
 //	notify                  true | false
 //	max-sessions-per-token  a whole number, 1 to 1024       (Limits.SessionsPerToken)
 //	max-concurrent-calls    a whole number, 1 to 256        (Limits.ConcurrentCalls)
@@ -220,6 +224,12 @@ func (p *parser) setTopKey(key, value string) error {
 			return p.errorf(p.line, "%v", err)
 		}
 		p.cfg.RemovalScope = scope
+	case "removal-grace":
+		d, err := parseSeconds(key, value, 0, maxRemovalGrace)
+		if err != nil {
+			return p.errorf(p.line, "%v", err)
+		}
+		p.cfg.RemovalGrace = d
 	case "notify":
 		b, err := parseBool(key, value)
 		if err != nil {
@@ -233,7 +243,7 @@ func (p *parser) setTopKey(key, value string) error {
 	case "max-find-results":
 		return p.setInt(&p.cfg.Limits.FindResults, key, value, maxFindResults)
 	case "token-wait":
-		d, err := parseTokenWait(value)
+		d, err := parseSeconds(key, value, time.Nanosecond, maxTokenWait)
 		if err != nil {
 			return p.errorf(p.line, "%v", err)
 		}
@@ -256,18 +266,23 @@ func (p *parser) setInt(dst *int, key, value string, hi int) error {
 	return nil
 }
 
-// parseTokenWait reads token-wait: seconds as decimal digits with an
-// optional fraction ("5", "0.5", "2.25"; no sign, exponent or unit),
-// more than 0 and at most 60. Digits beyond nanoseconds are dropped.
-func parseTokenWait(value string) (time.Duration, error) {
+// parseSeconds reads a number of seconds written as decimal digits with
+// an optional fraction ("5", "0.5", "2.25"; no sign, exponent or unit),
+// from lo to hi. Digits beyond nanoseconds are dropped. key names the
+// setting in the messages.
+func parseSeconds(key, value string, lo, hi time.Duration) (time.Duration, error) {
+	want := fmt.Sprintf("more than 0 and at most %v", hi.Seconds())
+	if lo <= 0 {
+		want = fmt.Sprintf("from 0 to %v", hi.Seconds())
+	}
 	whole, frac, hasDot := strings.Cut(value, ".")
 	if whole == "" || strings.Trim(whole, "0123456789") != "" ||
 		hasDot && (frac == "" || strings.Trim(frac, "0123456789") != "") {
-		return 0, fmt.Errorf("bad value %q for token-wait (want seconds such as 5 or 0.5, more than 0 and at most 60)", value)
+		return 0, fmt.Errorf("bad value %q for %s (want seconds such as 5 or 0.5, %s)", value, key, want)
 	}
 	d, err := time.ParseDuration(value + "s")
-	if err != nil || d <= 0 || d > maxTokenWait {
-		return 0, fmt.Errorf("token-wait = %s is out of range (want seconds, more than 0 and at most 60)", value)
+	if err != nil || d < lo || d > hi {
+		return 0, fmt.Errorf("%s = %s is out of range (want seconds, %s)", key, value, want)
 	}
 	return d, nil
 }

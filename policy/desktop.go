@@ -10,6 +10,7 @@ import (
 	"io/fs"
 	"os/exec"
 	"strings"
+	"time"
 
 	godbus "github.com/godbus/dbus/v5"
 
@@ -38,6 +39,11 @@ const (
 	logoutForce uint32 = 2
 )
 
+// activeTimeout bounds the GetActive question before a lock (or the
+// policy's timeout, if shorter): a screensaver that cannot answer it is
+// asked to lock anyway, without first spending a whole call timeout.
+const activeTimeout = time.Second
+
 // removalAction carries out the effective action for tok (nil at startup)
 // and reports the outcome.
 func (p *Policy) removalAction(tok *monitor.Token, reason string) {
@@ -59,13 +65,20 @@ func (p *Policy) removalAction(tok *monitor.Token, reason string) {
 		p.log.Debug("removal action none", attrs...)
 		return
 	}
+	attrs = append([]any{"action", string(action)}, attrs...)
 	switch action {
 	case ActionLockScreen:
+		if by := p.screenActive(); by != "" {
+			// Locked already, on suspend say: a second Lock would
+			// only wake the screen.
+			p.log.Info("removal action lock-screen: the screen is locked already; not locking again", append(attrs, "screensaver", by)...)
+			p.report("")
+			return
+		}
 		err = p.lock()
 	case ActionForceLogout:
 		err = p.logout()
 	}
-	attrs = append([]any{"action", string(action)}, attrs...)
 	if err != nil {
 		if p.ctx.Err() != nil {
 			p.log.Warn("removal action abandoned: slotwatch is stopping", attrs...)
@@ -151,6 +164,32 @@ func (p *Policy) noteGSettingsGone(err error, msg string) {
 	p.log.Info("GNOME's smart card removal-action setting is not available; the removal action is none", "why", msg)
 }
 
+// screenActive asks the screensavers, in the order lock tries them,
+// whether the screen is locked (active) already, and returns the name of
+// the one that says so. The first that answers decides; "" when it says
+// no or none answers.
+func (p *Policy) screenActive() string {
+	timeout := min(p.timeout, activeTimeout)
+	for _, s := range []struct {
+		name string
+		path godbus.ObjectPath
+	}{{gnomeScreenSaver, gnomeScreenPath}, {fdoScreenSaver, fdoScreenPath}} {
+		var active bool
+		err := p.callWithin(timeout, s.name, s.path, s.name+".GetActive", []any{&active})
+		if err == nil {
+			if active {
+				return s.name
+			}
+			return ""
+		}
+		if p.ctx.Err() != nil {
+			return ""
+		}
+		p.log.Debug("no answer to GetActive", "screensaver", s.name, "err", err.Error())
+	}
+	return ""
+}
+
 // lock locks the screen through GNOME's screensaver, else the
 // freedesktop.org one.
 func (p *Policy) lock() error {
@@ -231,7 +270,12 @@ func (p *Policy) notify(tok *monitor.Token, inserted bool) {
 // call calls method on dest's object path with a timeout; the reply is
 // stored into out (pointers) if not nil. The error is one line.
 func (p *Policy) call(dest string, path godbus.ObjectPath, method string, out []any, args ...any) error {
-	ctx, cancel := context.WithTimeout(p.ctx, p.timeout)
+	return p.callWithin(p.timeout, dest, path, method, out, args...)
+}
+
+// callWithin is call with another timeout.
+func (p *Policy) callWithin(timeout time.Duration, dest string, path godbus.ObjectPath, method string, out []any, args ...any) error {
+	ctx, cancel := context.WithTimeout(p.ctx, timeout)
 	defer cancel()
 	c := p.conn.Object(dest, path).CallWithContext(ctx, method, 0, args...)
 	err := c.Err
@@ -242,7 +286,7 @@ func (p *Policy) call(dest string, path godbus.ObjectPath, method string, out []
 		return nil
 	}
 	if errors.Is(err, context.DeadlineExceeded) || ctx.Err() == context.DeadlineExceeded {
-		return fmt.Errorf("%s: no answer within %v", method, p.timeout)
+		return fmt.Errorf("%s: no answer within %v", method, timeout)
 	}
 	return &callError{method: method, err: err}
 }

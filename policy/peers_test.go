@@ -46,10 +46,12 @@ type peer struct {
 	name string
 	conn *godbus.Conn
 
-	mu     sync.Mutex
-	calls  []call
-	nextID uint32        // Notify's last returned id
-	block  chan struct{} // if not nil, methods wait for it to close
+	mu      sync.Mutex
+	calls   []call
+	nextID  uint32        // Notify's last returned id
+	block   chan struct{} // if not nil, methods wait for it to close
+	active  bool          // what GetActive answers (screensavers)
+	actives int           // GetActive calls (not in calls)
 }
 
 // startPeer connects a service to the bus at addr: name is one of
@@ -125,6 +127,33 @@ type screenSaver struct{ p *peer }
 func (s screenSaver) Lock() *godbus.Error {
 	s.p.record("Lock")
 	return nil
+}
+
+// GetActive answers the peer's active flag. It is counted apart from the
+// calls, which the tests count per method.
+func (s screenSaver) GetActive() (bool, *godbus.Error) {
+	s.p.mu.Lock()
+	s.p.actives++
+	active, block := s.p.active, s.p.block
+	s.p.mu.Unlock()
+	if block != nil {
+		<-block
+	}
+	return active, nil
+}
+
+// setActive sets what GetActive answers.
+func (p *peer) setActive(active bool) {
+	p.mu.Lock()
+	p.active = active
+	p.mu.Unlock()
+}
+
+// activeCalls returns how many GetActive calls the peer got.
+func (p *peer) activeCalls() int {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	return p.actives
 }
 
 type session struct{ p *peer }

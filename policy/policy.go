@@ -7,12 +7,23 @@
 // Everything runs on one goroutine per Policy, in event order, so a slow
 // screensaver or notification server never delays the monitor or the
 // D-Bus API; every call it makes has a timeout.
+//
+// The removal grace (Config.RemovalGrace): the action for a removed token
+// waits that long, and is dropped if a token with the same serial and
+// label is inserted meanwhile — a USB reset, or readers re-enumerating
+// after a resume, must not lock the session. Between Sleep and Resume
+// (logind's PrepareForSleep) the grace does not run: removals seen then,
+// and those whose grace was still running, get their grace counted from
+// the resume. Before locking, the policy asks the screensaver whether it
+// is already active (locked on suspend, say) and then does not lock again.
 package policy
 
 import (
 	"context"
 	"log/slog"
 	"os"
+	"slices"
+	"strings"
 	"sync"
 	"time"
 
@@ -37,6 +48,11 @@ type Config struct {
 	// Scope says which tokens' removal triggers the action; the zero value
 	// means the login token.
 	Scope Scope
+	// RemovalGrace is how long the removal action waits for a removed
+	// token in scope to come back: a token with the same serial and label
+	// inserted within it cancels the action. 0 acts at once (and ignores
+	// Sleep and Resume). Notifications are never delayed.
+	RemovalGrace time.Duration
 	// Notify sends a desktop notification on every insertion and removal.
 	Notify bool
 	// LoginTokenName is PKCS11_LOGIN_TOKEN_NAME: the token whose Label
@@ -79,8 +95,10 @@ type Policy struct {
 	done      chan struct{}
 	closeOnce sync.Once
 
-	mu   sync.Mutex // guards next
-	next *Config    // set by SetConfig, taken by the goroutine before the next event
+	mu     sync.Mutex    // guards next and sleeps
+	next   *Config       // set by SetConfig, taken by the goroutine before the next event
+	sleeps []sleepChange // set by Sleep and Resume, taken by the goroutine
+	wake   chan struct{} // (capacity 1) the goroutine has sleeps to take
 
 	// Owned by the policy's goroutine.
 	notifyID      uint32 // the last notification's id, replaced by the next one
@@ -90,6 +108,33 @@ type Policy struct {
 	// down, a module failing), so the startup rule waits for the first
 	// running one rather than lock a session whose card is there.
 	startupPending bool
+	// pending are the removals whose action waits for their grace, in
+	// the order they were seen.
+	pending []pendingRemoval
+	// asleep: between Sleep and Resume; sleepLimit is when the policy
+	// stops waiting for the Resume (see sleepHoldLimit).
+	asleep     bool
+	sleepLimit time.Time
+}
+
+// sleepHoldLimit bounds how long removals wait for a Resume that does not
+// come (logind restarted or the system bus went away while the system
+// slept). The clock Go's timers run on stands still while the system is
+// suspended, so this counts only the time awake between Sleep and Resume,
+// which is seconds.
+const sleepHoldLimit = 2 * time.Minute
+
+// pendingRemoval is a removal whose action waits for its grace.
+type pendingRemoval struct {
+	tok   *monitor.Token
+	grace time.Duration
+	due   time.Time // zero while the system sleeps: the grace starts at the resume
+}
+
+// sleepChange is one Sleep (start) or Resume call.
+type sleepChange struct {
+	start bool
+	at    time.Time
 }
 
 // Start subscribes to mon and runs the policy on its own goroutine until
@@ -120,6 +165,7 @@ func newPolicy(conn *godbus.Conn, cfg Config) *Policy {
 		ctx:       ctx,
 		cancel:    cancel,
 		done:      make(chan struct{}),
+		wake:      make(chan struct{}, 1),
 	}
 }
 
@@ -132,7 +178,38 @@ func (p *Policy) start(snap *monitor.Snapshot, src eventSource) {
 
 func (p *Policy) run(snap *monitor.Snapshot) {
 	defer close(p.done)
+	events := make(chan monitor.Event)
+	pumped := make(chan struct{})
+	go p.pump(events, pumped)
+	defer func() { <-pumped }()
+
 	p.startup(snap)
+	timer := time.NewTimer(time.Hour)
+	defer timer.Stop()
+	for {
+		p.armTimer(timer)
+		select {
+		case ev, ok := <-events:
+			if !ok {
+				return
+			}
+			p.takeConfig()
+			p.handle(ev)
+		case <-p.wake:
+			p.takeSleeps()
+		case <-timer.C:
+			p.expire(time.Now())
+		case <-p.ctx.Done():
+			return
+		}
+	}
+}
+
+// pump passes the monitor's events to run, so that run can also wait for
+// graces and for Sleep and Resume. It closes out when the events end.
+func (p *Policy) pump(out chan<- monitor.Event, pumped chan<- struct{}) {
+	defer close(pumped)
+	defer close(out)
 	for {
 		ev, err := p.src.Next(p.ctx)
 		if err != nil {
@@ -141,8 +218,117 @@ func (p *Policy) run(snap *monitor.Snapshot) {
 			}
 			return
 		}
-		p.takeConfig()
-		p.handle(ev)
+		select {
+		case out <- ev:
+		case <-p.ctx.Done():
+			return
+		}
+	}
+}
+
+// armTimer sets timer to the next grace that ends, or to the end of the
+// wait for a Resume; it stops it when there is none.
+func (p *Policy) armTimer(timer *time.Timer) {
+	var next time.Time
+	for _, r := range p.pending {
+		if !r.due.IsZero() && (next.IsZero() || r.due.Before(next)) {
+			next = r.due
+		}
+	}
+	if p.asleep && (next.IsZero() || p.sleepLimit.Before(next)) {
+		next = p.sleepLimit
+	}
+	if next.IsZero() {
+		timer.Stop()
+		return
+	}
+	timer.Reset(time.Until(next))
+}
+
+// Sleep tells the policy that the system is about to sleep (logind's
+// PrepareForSleep(true)): removal graces stop running until Resume. It
+// never blocks and may be called from any goroutine.
+func (p *Policy) Sleep() { p.queueSleep(true) }
+
+// Resume tells the policy that the system has resumed (logind's
+// PrepareForSleep(false)): the grace of every removal that waits starts
+// now. It never blocks and may be called from any goroutine.
+func (p *Policy) Resume() { p.queueSleep(false) }
+
+func (p *Policy) queueSleep(start bool) {
+	p.mu.Lock()
+	p.sleeps = append(p.sleeps, sleepChange{start: start, at: time.Now()})
+	p.mu.Unlock()
+	select {
+	case p.wake <- struct{}{}:
+	default:
+	}
+}
+
+// takeSleeps applies the Sleep and Resume calls made since the last time,
+// in order; on the policy's goroutine only.
+func (p *Policy) takeSleeps() {
+	p.mu.Lock()
+	changes := p.sleeps
+	p.sleeps = nil
+	p.mu.Unlock()
+	for _, c := range changes {
+		if c.start {
+			p.sleep(c.at)
+		} else {
+			p.resume(c.at, "resumed from sleep")
+		}
+	}
+}
+
+// sleep stops every running grace: it starts again at the resume.
+func (p *Policy) sleep(at time.Time) {
+	if p.asleep {
+		return
+	}
+	p.asleep = true
+	p.sleepLimit = at.Add(sleepHoldLimit)
+	for i := range p.pending {
+		p.pending[i].due = time.Time{}
+	}
+	p.log.Info("going to sleep: removal actions wait for the resume", "waiting", len(p.pending))
+}
+
+// resume starts the grace of every removal that waits for it.
+func (p *Policy) resume(at time.Time, why string) {
+	if !p.asleep {
+		p.log.Debug("resume without a sleep before it")
+		return
+	}
+	p.asleep = false
+	for i := range p.pending {
+		if p.pending[i].due.IsZero() {
+			p.pending[i].due = at.Add(p.pending[i].grace)
+		}
+	}
+	p.log.Info(why+": removal graces start now", "waiting", len(p.pending))
+}
+
+// expire carries out the actions whose grace ended by now, and stops
+// waiting for a Resume that did not come within sleepHoldLimit.
+func (p *Policy) expire(now time.Time) {
+	if p.asleep && !now.Before(p.sleepLimit) {
+		p.log.Warn("no resume within the limit after going to sleep; removal graces start now", "limit", sleepHoldLimit)
+		p.resume(now, "no resume signal")
+	}
+	var due []pendingRemoval
+	kept := p.pending[:0]
+	for _, r := range p.pending {
+		if !r.due.IsZero() && !now.Before(r.due) {
+			due = append(due, r)
+		} else {
+			kept = append(kept, r)
+		}
+	}
+	clear(p.pending[len(kept):])
+	p.pending = kept
+	for _, r := range due {
+		p.removalAction(r.tok, "token removed and not back within the removal grace")
 	}
 }
 
@@ -183,7 +369,7 @@ func (p *Policy) logConfig(msg string) {
 		}
 	}
 	p.log.Info(msg, "action", action, "scope", p.cfg.Scope.String(),
-		"login_token", p.cfg.LoginTokenName, "notify", p.cfg.Notify)
+		"login_token", p.cfg.LoginTokenName, "grace", p.cfg.RemovalGrace, "notify", p.cfg.Notify)
 }
 
 // Close stops the policy and waits for its goroutine; a call in flight is
@@ -239,16 +425,53 @@ func (p *Policy) handle(ev monitor.Event) {
 	case monitor.TokenRemoved:
 		// The action first: locking must not wait for a notification.
 		if p.cfg.Scope.Covers(ev.Token.Serial, p.usedForLogin(ev.Token)) {
-			p.removalAction(ev.Token, "token removed")
+			p.removed(ev.Token)
 		}
 		if p.cfg.Notify {
 			p.notify(ev.Token, false)
 		}
 	case monitor.TokenInserted:
+		p.back(ev.Token)
 		if p.cfg.Notify {
 			p.notify(ev.Token, true)
 		}
 	}
+}
+
+// removed acts on the removal of tok, a token in scope: at once without a
+// grace, otherwise once the grace is over (counted from the resume while
+// the system sleeps).
+func (p *Policy) removed(tok *monitor.Token) {
+	grace := p.cfg.RemovalGrace
+	if grace <= 0 {
+		p.removalAction(tok, "token removed")
+		return
+	}
+	r := pendingRemoval{tok: tok, grace: grace}
+	if !p.asleep {
+		r.due = time.Now().Add(grace)
+	}
+	p.pending = append(p.pending, r)
+	p.log.Debug("token removed: the removal action waits for the grace", "label", tok.Label, "serial", tok.Serial,
+		"generation", tok.Generation, "grace", grace, "asleep", p.asleep)
+}
+
+// back drops the oldest waiting removal of the same card as tok (same
+// serial, blanks trimmed, and label): it came back within its grace.
+func (p *Policy) back(tok *monitor.Token) {
+	for i, r := range p.pending {
+		if sameCard(r.tok, tok) {
+			p.pending = slices.Delete(p.pending, i, i+1)
+			p.log.Info("token back within the removal grace; no removal action", "label", tok.Label, "serial", tok.Serial,
+				"removed_generation", r.tok.Generation, "generation", tok.Generation)
+			return
+		}
+	}
+}
+
+// sameCard tells whether a and b have the same serial and label.
+func sameCard(a, b *monitor.Token) bool {
+	return strings.TrimSpace(a.Serial) == strings.TrimSpace(b.Serial) && a.Label == b.Label
 }
 
 func (p *Policy) usedForLogin(t *monitor.Token) bool {

@@ -97,7 +97,7 @@ func TestInstall(t *testing.T) {
 	cfg, err := config.Parse(strings.NewReader(confText), confPath)
 	if err != nil {
 		t.Errorf("installed config: %v", err)
-	} else if d := config.Default(); cfg.RemovalAction != d.RemovalAction || cfg.RemovalActionSet || !reflect.DeepEqual(cfg.RemovalScope, d.RemovalScope) || cfg.Notify != d.Notify || cfg.Limits != d.Limits || len(cfg.Modules) != 0 {
+	} else if d := config.Default(); cfg.RemovalAction != d.RemovalAction || cfg.RemovalActionSet || !reflect.DeepEqual(cfg.RemovalScope, d.RemovalScope) || cfg.RemovalGrace != d.RemovalGrace || cfg.Notify != d.Notify || cfg.Limits != d.Limits || len(cfg.Modules) != 0 {
 		t.Errorf("installed config = %+v, want the defaults %+v", cfg, d)
 	}
 	// Every top-level setting is documented there, commented out, with
@@ -105,6 +105,7 @@ func TestInstall(t *testing.T) {
 	documented := []string{
 		"removal-action = none",
 		"removal-scope = login-token",
+		"removal-grace = 3",
 		"notify = false",
 		"max-sessions-per-token = 16",
 		"max-concurrent-calls = 8",
@@ -118,7 +119,7 @@ func TestInstall(t *testing.T) {
 	}
 	if cfg, err := config.Parse(strings.NewReader(strings.Join(documented, "\n")), "documented defaults"); err != nil {
 		t.Errorf("the documented defaults do not parse: %v", err)
-	} else if d := config.Default(); cfg.RemovalAction != d.RemovalAction || !reflect.DeepEqual(cfg.RemovalScope, d.RemovalScope) || cfg.Notify != d.Notify || cfg.Limits != d.Limits {
+	} else if d := config.Default(); cfg.RemovalAction != d.RemovalAction || !reflect.DeepEqual(cfg.RemovalScope, d.RemovalScope) || cfg.RemovalGrace != d.RemovalGrace || cfg.Notify != d.Notify || cfg.Limits != d.Limits {
 		t.Errorf("the documented defaults = %+v, want the built-in ones %+v", cfg, d)
 	}
 

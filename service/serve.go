@@ -18,6 +18,7 @@ import (
 	"github.com/slotwatch/slotwatch/broker"
 	"github.com/slotwatch/slotwatch/config"
 	"github.com/slotwatch/slotwatch/dbusapi"
+	"github.com/slotwatch/slotwatch/internal/logind"
 	"github.com/slotwatch/slotwatch/monitor"
 	"github.com/slotwatch/slotwatch/policy"
 )
@@ -117,6 +118,20 @@ func runServe(args []string) error {
 		return err
 	}
 	pol.Store(policy.Start(conn, mon, removalPolicy(cfg, gnome.mode, logger, svc.SetPolicyProblem)))
+	// Suspend and resume (logind on the system bus, if any): on resume,
+	// re-read everything at once; the policy counts removal graces from it.
+	sleepWatch := logind.Start(logind.Config{
+		Logger: logger,
+		OnSleep: func() {
+			logger.Info("the system is going to sleep")
+			pol.Load().Sleep()
+		},
+		OnResume: func() {
+			logger.Info("the system resumed: re-reading every reader and module")
+			pol.Load().Resume()
+			mon.Rescan()
+		},
+	})
 	daemon.SdNotify(false, daemon.SdNotifyReady)
 	logger.Info("serving", "name", dbusapi.BusName, "state", mon.Snapshot().State.String())
 
@@ -137,6 +152,7 @@ func runServe(args []string) error {
 	logger.Info("stopping")
 	done := make(chan struct{})
 	go func() {
+		sleepWatch.Close()
 		pol.Load().Close()
 		svc.Close()
 		mon.Close()
@@ -262,6 +278,7 @@ func removalPolicy(cfg *config.Config, gnome dbusapi.GnomeMode, logger *slog.Log
 	pc := policy.Config{
 		Action:         cfg.RemovalAction,
 		Scope:          cfg.RemovalScope,
+		RemovalGrace:   cfg.RemovalGrace,
 		Notify:         cfg.Notify,
 		LoginTokenName: os.Getenv("PKCS11_LOGIN_TOKEN_NAME"),
 		Logger:         logger,

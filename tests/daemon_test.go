@@ -61,6 +61,11 @@ func startDaemon(t *testing.T, bus *stack.DBus, env []string, args ...string) *d
 		sock, ready = listenNotify(t)
 		env = append(slices.Clip(env), "NOTIFY_SOCKET="+sock)
 	}
+	if !slices.ContainsFunc(env, func(kv string) bool { return strings.HasPrefix(kv, "DBUS_SYSTEM_BUS_ADDRESS=") }) {
+		// Never the machine's system bus (and its logind): a test that
+		// wants suspend and resume gives a private one.
+		env = append(slices.Clip(env), "DBUS_SYSTEM_BUS_ADDRESS=unix:path="+filepath.Join(t.TempDir(), "no-system-bus"))
+	}
 	d.cmd = exec.Command(slotwatchBin(t), append([]string{"serve", "--address", bus.Address, "--log-level", "debug"}, args...)...)
 	// Not the service manager of whoever runs the tests: only env says
 	// where notifications go.

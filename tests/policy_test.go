@@ -63,9 +63,11 @@ type desktopPeer struct {
 	name string
 	conn *godbus.Conn
 
-	mu     sync.Mutex
-	calls  []peerCall
-	nextID uint32 // Notify: the last id handed out
+	mu      sync.Mutex
+	calls   []peerCall
+	nextID  uint32 // Notify: the last id handed out
+	active  bool   // screensavers: what GetActive answers
+	actives int    // screensavers: GetActive calls (not in calls)
 }
 
 // startDesktopPeer puts a stand-in for the service name (one of the names
@@ -188,6 +190,30 @@ func (s screenSaverMethods) Lock(msg godbus.Message) *godbus.Error {
 	return nil
 }
 
+// GetActive answers the peer's active flag (false unless setActive). The
+// daemon asks it before every Lock, so it is counted apart from the calls
+// the tests check.
+func (s screenSaverMethods) GetActive() (bool, *godbus.Error) {
+	s.p.mu.Lock()
+	defer s.p.mu.Unlock()
+	s.p.actives++
+	return s.p.active, nil
+}
+
+// setActive sets what GetActive answers: true is a screen locked already.
+func (p *desktopPeer) setActive(active bool) {
+	p.mu.Lock()
+	p.active = active
+	p.mu.Unlock()
+}
+
+// activeCalls is the number of GetActive calls so far.
+func (p *desktopPeer) activeCalls() int {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	return p.actives
+}
+
 type sessionManagerMethods struct{ p *desktopPeer }
 
 func (s sessionManagerMethods) Logout(msg godbus.Message, mode uint32) *godbus.Error {
@@ -250,8 +276,14 @@ func (s *policyStack) insertBeforeStart(c *vcard.Card, reader int) {
 }
 
 // start runs the daemon on OpenSC with conf as its config file and env.
+// A conf without a removal-grace line gets "removal-grace = 0": the tests
+// in this file check that an action follows each removal at once; the
+// grace has tests of its own (suspend_test.go).
 func (s *policyStack) start(conf string, env []string, extra ...string) *daemon {
 	s.t.Helper()
+	if !strings.Contains(conf, "removal-grace") {
+		conf = "removal-grace = 0\n" + conf
+	}
 	path := filepath.Join(s.t.TempDir(), "slotwatch.conf")
 	if err := os.WriteFile(path, []byte(conf), 0o644); err != nil {
 		s.t.Fatal(err)
@@ -703,7 +735,7 @@ func TestPolicyReload(t *testing.T) {
 	s.remove(other, otherCardProfile.Label)
 	ss.quiet(0, 500*time.Millisecond, "a removal with removal-action none")
 
-	if err := os.WriteFile(conf, []byte("removal-action = lock-screen\nremoval-scope = any\n"), 0o644); err != nil {
+	if err := os.WriteFile(conf, []byte("removal-action = lock-screen\nremoval-scope = any\nremoval-grace = 0\n"), 0o644); err != nil {
 		t.Fatal(err)
 	}
 	if err := s.conn.Object(busName, rootPath).Call(mgrIface+".Reload", 0).Err; err != nil {
