@@ -289,9 +289,14 @@ func TestPINsNeverLogged(t *testing.T) {
 	if err := conn.Object(busName, tok).Call(tokIface+".InitToken", 0, []byte(soPIN), "Relabelled", true).Err; err != nil {
 		t.Fatalf("InitToken: %v", err)
 	}
+	// The daemon writes the call log before it replies, but the lines
+	// reach d.stderr through a pipe and a copying goroutine: wait for them.
 	out := d.stderr.String()
-	if !strings.Contains(out, "C_Login") || !strings.Contains(out, "C_InitToken") {
-		t.Fatalf("--log-calls did not log the calls:\n%s", out)
+	for deadline := time.Now().Add(5 * time.Second); !strings.Contains(out, "C_Login") || !strings.Contains(out, "C_InitToken"); out = d.stderr.String() {
+		if time.Now().After(deadline) {
+			t.Fatalf("--log-calls did not log the calls:\n%s", out)
+		}
+		time.Sleep(10 * time.Millisecond)
 	}
 	for _, pin := range []string{userPIN, soPIN, wrongPIN} {
 		for _, form := range pinForms(pin) {
