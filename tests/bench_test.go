@@ -11,6 +11,7 @@ import (
 	"slices"
 	"strconv"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 
@@ -80,11 +81,15 @@ func TestHelperEchoProcess(t *testing.T) {
 	os.Exit(0)
 }
 
-// echoProcess starts TestHelperEchoProcess on bus and returns its unique
-// name.
-func echoProcess(b *testing.B, bus *stack.DBus) string {
-	cmd := exec.Command(os.Args[0], "-test.run=^TestHelperEchoProcess$")
-	cmd.Env = append(os.Environ(), "SLOTWATCH_ECHO_BUS="+bus.Address)
+// helperProcess starts this test binary as the helper process test (a
+// TestHelper... that serves until its stdin closes), with env added, and
+// returns its stdout and a stop function (idempotent, also run at cleanup)
+// that closes its stdin and waits until it is gone.
+func helperProcess(b *testing.B, test string, env ...string) (*bufio.Reader, func()) {
+	b.Helper()
+	cmd := exec.Command(os.Args[0], "-test.run=^"+test+"$")
+	cmd.Env = append(os.Environ(), env...)
+	cmd.Stderr = os.Stderr
 	stdin, err := cmd.StdinPipe()
 	if err != nil {
 		b.Fatal(err)
@@ -96,8 +101,17 @@ func echoProcess(b *testing.B, bus *stack.DBus) string {
 	if err := cmd.Start(); err != nil {
 		b.Fatal(err)
 	}
-	b.Cleanup(func() { stdin.Close(); cmd.Wait() })
-	line, err := bufio.NewReader(out).ReadString('\n')
+	var once sync.Once
+	stop := func() { once.Do(func() { stdin.Close(); cmd.Wait() }) }
+	b.Cleanup(stop)
+	return bufio.NewReader(out), stop
+}
+
+// echoProcess starts TestHelperEchoProcess on bus and returns its unique
+// name.
+func echoProcess(b *testing.B, bus *stack.DBus) string {
+	out, _ := helperProcess(b, "TestHelperEchoProcess", "SLOTWATCH_ECHO_BUS="+bus.Address)
+	line, err := out.ReadString('\n')
 	name, ok := strings.CutPrefix(strings.TrimSpace(line), "ready ")
 	if err != nil || !ok {
 		b.Fatalf("echo process: %q %v", line, err)

@@ -134,30 +134,8 @@ func parseFloorEvent(line string) (floorEvent, bool) {
 // OpenSC, is gone).
 func floorProcess(b *testing.B, pcscd *stack.PCSCD) (<-chan floorEvent, func()) {
 	b.Helper()
-	cmd := exec.Command(os.Args[0], "-test.run=^TestHelperOpenSCFloorProcess$")
-	cmd.Env = append(os.Environ(), floorPCSCEnv+"="+pcscd.Socket(), floorOpenSCEnv+"="+os.Getenv(stack.OpenSCConfEnv))
-	cmd.Stderr = os.Stderr
-	stdin, err := cmd.StdinPipe()
-	if err != nil {
-		b.Fatal(err)
-	}
-	out, err := cmd.StdoutPipe()
-	if err != nil {
-		b.Fatal(err)
-	}
-	if err := cmd.Start(); err != nil {
-		b.Fatal(err)
-	}
-	stopped := false
-	stop := func() {
-		if !stopped {
-			stopped = true
-			stdin.Close()
-			cmd.Wait()
-		}
-	}
-	b.Cleanup(stop)
-	r := bufio.NewReader(out)
+	r, stop := helperProcess(b, "TestHelperOpenSCFloorProcess",
+		floorPCSCEnv+"="+pcscd.Socket(), floorOpenSCEnv+"="+os.Getenv(stack.OpenSCConfEnv))
 	line, err := r.ReadString('\n')
 	if err != nil || strings.TrimSpace(line) != "ready" {
 		b.Fatalf("floor process: %q %v", line, err)
