@@ -26,12 +26,7 @@ func startBus(t *testing.T) string {
 
 func connect(t *testing.T, addr string) *godbus.Conn {
 	t.Helper()
-	conn, err := godbus.Connect(addr)
-	if err != nil {
-		t.Fatalf("connect to the test bus: %v", err)
-	}
-	t.Cleanup(func() { conn.Close() })
-	return conn
+	return stack.ConnectForTest(t, addr)
 }
 
 // call is one method call a peer received.

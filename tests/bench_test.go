@@ -258,13 +258,11 @@ type latencyRun struct {
 	sigs <-chan time.Time // arrival of the signals insertLatency waited for
 }
 
-// insertLatency inserts and removes a virtual card b.N times at jittered
-// moments (0–400 ms, so that vpcd's 400 ms presence poll is sampled
-// evenly) and reports, per insertion, when pcscd reported it (an
-// independent PC/SC observer: the baseline), when the subscriber got the
-// signal (matched by match, accepted by isInsert), and the difference: what
-// slotwatch adds.
-func insertLatency(b *testing.B, daemonArgs []string, match []godbus.MatchOption, isInsert func(*godbus.Signal) bool) latencyRun {
+// latencyStack starts what the insert-latency benchmarks share: a private
+// pcscd, a private bus, and an independent PC/SC observer of the first
+// reader (the baseline); all stopped at cleanup.
+func latencyStack(b *testing.B) (*stack.PCSCD, *stack.DBus, *stack.Observer) {
+	b.Helper()
 	pcscd, err := stack.StartPCSCD(stack.PCSCDConfig{Socket: pcscSocket, Dir: b.TempDir()})
 	if err != nil {
 		b.Fatal(err)
@@ -275,13 +273,24 @@ func insertLatency(b *testing.B, daemonArgs []string, match []godbus.MatchOption
 		b.Fatal(err)
 	}
 	b.Cleanup(func() { bus.Stop() })
-	daemonCmd := benchDaemon(b, bus, nil, append([]string{"--module", stack.OpenSCModule}, daemonArgs...)...)
-	reader := pcscd.Readers()[0]
-	obs, err := stack.NewObserver([]string{reader})
+	obs, err := stack.NewObserver([]string{pcscd.Readers()[0]})
 	if err != nil {
 		b.Fatal(err)
 	}
 	b.Cleanup(func() { obs.Close() })
+	return pcscd, bus, obs
+}
+
+// insertLatency inserts and removes a virtual card b.N times at jittered
+// moments (0–400 ms, so that vpcd's 400 ms presence poll is sampled
+// evenly) and reports, per insertion, when pcscd reported it (an
+// independent PC/SC observer: the baseline), when the subscriber got the
+// signal (matched by match, accepted by isInsert), and the difference: what
+// slotwatch adds.
+func insertLatency(b *testing.B, daemonArgs []string, match []godbus.MatchOption, isInsert func(*godbus.Signal) bool) latencyRun {
+	pcscd, bus, obs := latencyStack(b)
+	reader := pcscd.Readers()[0]
+	daemonCmd := benchDaemon(b, bus, nil, append([]string{"--module", stack.OpenSCModule}, daemonArgs...)...)
 	sigs := subscribeStamped(b, bus, match, isInsert)
 	card := vcard.New(pcscd.Addr(0), vcard.Profile{Label: "Bench Card", Serial: "be0c0001"})
 	b.Cleanup(func() { card.Close() })

@@ -233,22 +233,8 @@ func openSCCycles(b *testing.B, n int) cycleCosts {
 // init-read-finalize cycle of OpenSC in process, with a card present (what
 // releasing the module while idle costs per read).
 func BenchmarkInsertFloor(b *testing.B) {
-	pcscd, err := stack.StartPCSCD(stack.PCSCDConfig{Socket: pcscSocket, Dir: b.TempDir()})
-	if err != nil {
-		b.Fatal(err)
-	}
-	b.Cleanup(func() { pcscd.Stop() })
-	bus, err := stack.StartDBus(b.TempDir(), "")
-	if err != nil {
-		b.Fatal(err)
-	}
-	b.Cleanup(func() { bus.Stop() })
+	pcscd, bus, obs := latencyStack(b)
 	reader := pcscd.Readers()[0]
-	obs, err := stack.NewObserver([]string{reader})
-	if err != nil {
-		b.Fatal(err)
-	}
-	b.Cleanup(func() { obs.Close() })
 	card := vcard.New(pcscd.Addr(0), vcard.Profile{Label: "Bench Card", Serial: "be0c0001"})
 	b.Cleanup(func() { card.Close() })
 	slotwatchFastBin(b) // built before the clock runs

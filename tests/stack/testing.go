@@ -1,6 +1,10 @@
 package stack
 
-import "testing"
+import (
+	"testing"
+
+	godbus "github.com/godbus/dbus/v5"
+)
 
 // StartPCSCDForTest starts a pcscd (StartPCSCD) that t's cleanup stops. A
 // cfg.Dir of "" becomes t.TempDir(). It fails t with pcscd's log if the
@@ -36,6 +40,18 @@ func StartDBusForTest(t testing.TB, serviceDir string) *DBus {
 		}
 	})
 	return d
+}
+
+// ConnectForTest connects a client to the bus at address; t's cleanup
+// closes the connection.
+func ConnectForTest(t testing.TB, address string) *godbus.Conn {
+	t.Helper()
+	conn, err := godbus.Connect(address)
+	if err != nil {
+		t.Fatalf("connect to the test bus: %v", err)
+	}
+	t.Cleanup(func() { conn.Close() })
+	return conn
 }
 
 // NewObserverForTest starts an Observer of p's readers that t's cleanup
