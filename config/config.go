@@ -26,6 +26,7 @@ import (
 	"time"
 
 	"github.com/slotwatch/slotwatch/broker"
+	"github.com/slotwatch/slotwatch/monitor"
 	"github.com/slotwatch/slotwatch/policy"
 )
 
@@ -51,7 +52,11 @@ type Config struct {
 	RemovalGrace time.Duration
 	Notify       bool   // show a desktop notification on insertion and removal
 	Limits       Limits // per-caller limits; DefaultLimits unless the file sets them
-	Modules      []Module
+	// IdleRelease is the top-level idle-release and idle-release-grace:
+	// the policy of every module whose [module] section does not set its
+	// own (monitor.IdleRelease says what it does).
+	IdleRelease IdleRelease
+	Modules     []Module
 	Source       string // the file it came from, "" for the built-in defaults
 }
 
@@ -59,6 +64,10 @@ type Config struct {
 // each); this package reads them from the file, within the ranges Parse
 // checks (see the keys below).
 type Limits = broker.Limits
+
+// IdleRelease is a module's idle release policy (monitor.IdleRelease): on
+// by default, with a grace of one second (monitor.DefaultIdleRelease).
+type IdleRelease = monitor.IdleRelease
 
 // DefaultLimits are the limits without a config file or without the keys
 // (broker.DefaultLimits).
@@ -77,6 +86,10 @@ type Module struct {
 	Isolate bool
 	// From is one of the From* constants.
 	From string
+	// IdleRelease is the module's idle release policy: its [module]
+	// section's idle-release and idle-release-grace where set, the
+	// top-level ones otherwise (ResolveModules fills it for every module).
+	IdleRelease IdleRelease
 	// Critical is p11-kit's "critical: yes": the registry says the module
 	// is required, and p11-kit itself gives up when such a module fails.
 	// slotwatch logs its failure to load or initialize as an error
@@ -114,6 +127,7 @@ func Default() *Config {
 		RemovalScope:  policy.Scope{Kind: policy.ScopeLoginToken},
 		RemovalGrace:  DefaultRemovalGrace,
 		Limits:        DefaultLimits(),
+		IdleRelease:   monitor.DefaultIdleRelease,
 	}
 }
 

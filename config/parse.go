@@ -19,8 +19,9 @@ var (
 	topKeys = []string{
 		"removal-action", "removal-scope", "removal-grace", "notify",
 		"max-sessions-per-token", "max-concurrent-calls", "max-find-results", "token-wait",
+		"idle-release", "idle-release-grace",
 	}
-	moduleKeys = []string{"path", "isolate"}
+	moduleKeys = []string{"path", "isolate", "idle-release", "idle-release-grace"}
 )
 
 // The ranges of the limit keys (inclusive; token-wait must also be more
@@ -31,6 +32,7 @@ const (
 	maxFindResults      = 100000
 	maxTokenWait        = 60 * time.Second
 	maxRemovalGrace     = 60 * time.Second
+	maxIdleReleaseGrace = time.Hour
 )
 
 // Parse parses a config file read from r; name is the file's name in
@@ -180,7 +182,9 @@ func (p *parser) parseSection(text string) error {
 	}
 	p.sections[name] = p.line
 	p.cur = &moduleSection{
-		mod:  Module{Name: name, From: FromFile, Source: fmt.Sprintf("%s:%d", p.file, p.line)},
+		// Top-level keys come before the first section: the default
+		// policy is final here.
+		mod:  Module{Name: name, From: FromFile, Source: fmt.Sprintf("%s:%d", p.file, p.line), IdleRelease: p.cfg.IdleRelease},
 		line: p.line,
 		keys: map[string]int{},
 	}
@@ -248,7 +252,28 @@ func (p *parser) setTopKey(key, value string) error {
 			return p.errorf(p.line, "%v", err)
 		}
 		p.cfg.Limits.TokenWait = d
+	case "idle-release", "idle-release-grace":
+		return p.setIdleRelease(&p.cfg.IdleRelease, key, value)
 	}
+	return nil
+}
+
+// setIdleRelease reads idle-release (true or false) or idle-release-grace
+// (seconds, 0 to an hour) into r.
+func (p *parser) setIdleRelease(r *IdleRelease, key, value string) error {
+	if key == "idle-release" {
+		b, err := parseBool(key, value)
+		if err != nil {
+			return p.errorf(p.line, "%v", err)
+		}
+		r.Enabled = b
+		return nil
+	}
+	d, err := parseSeconds(key, value, 0, maxIdleReleaseGrace)
+	if err != nil {
+		return p.errorf(p.line, "%v", err)
+	}
+	r.Grace = d
 	return nil
 }
 
@@ -320,6 +345,8 @@ func (p *parser) setModuleKey(key, value string) error {
 			return p.errorf(p.line, "%v", err)
 		}
 		s.mod.Isolate = b
+	case "idle-release", "idle-release-grace":
+		return p.setIdleRelease(&s.mod.IdleRelease, key, value)
 	}
 	return nil
 }

@@ -71,6 +71,9 @@ func resolveModules(flagModules []string, configPath string, p11Dirs []string, m
 		if err != nil {
 			return nil, nil, nil, err
 		}
+		for i := range mods {
+			mods[i].IdleRelease = cfg.IdleRelease
+		}
 		return cfg, mods, warnings, nil
 	}
 
@@ -98,6 +101,7 @@ func resolveModules(flagModules []string, configPath string, p11Dirs []string, m
 			continue // already configured under the config's name
 		}
 		names[m.Name] = true
+		m.IdleRelease = cfg.IdleRelease
 		mods = append(mods, m)
 	}
 	return cfg, mods, warnings, nil

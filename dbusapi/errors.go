@@ -55,6 +55,7 @@ var errorMap = []struct {
 	{broker.ErrNotSupported, ErrNotSupported},
 	{broker.ErrNoSuchSession, ErrUnknownObject},
 	{monitor.ErrTokenRemoved, ErrTokenRemoved},
+	{monitor.ErrCardInUse, ErrBusy},
 	{module.ErrStaleGeneration, ErrTokenRemoved},
 	{module.ErrNoSuchSession, ErrTokenRemoved},
 	{module.ErrLoad, ErrModuleFailure},

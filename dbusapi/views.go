@@ -68,6 +68,7 @@ func moduleProps(m *monitor.ModuleView) map[string]any {
 		"LibraryVersion": m.LibraryVersion,
 		"WaitMode":       uint32(m.WaitMode),
 		"State":          uint32(m.State),
+		"Released":       m.Released,
 	}
 }
 

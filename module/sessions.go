@@ -314,6 +314,15 @@ func (m *Module) dropAllSessions() {
 	}
 }
 
+// SessionCount is how many session records the module keeps: open
+// sessions, and sessions of a removed token not reclaimed yet. The monitor
+// releases an idle module only when it is 0 (C_Finalize would close them).
+func (m *Module) SessionCount() int {
+	m.regMu.Lock()
+	defer m.regMu.Unlock()
+	return len(m.sessions)
+}
+
 // Sessions returns a copy of every session record, by id: who holds what.
 func (m *Module) Sessions() []Session {
 	return m.sessionsWhere(func(*session) bool { return true })

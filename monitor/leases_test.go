@@ -9,7 +9,7 @@ import (
 
 func TestLeasesDeadGenerationFailsAtOnce(t *testing.T) {
 	var drained []uint64
-	l := newLeases(func(g uint64) { drained = append(drained, g) })
+	l := newLeases(func(g uint64) { drained = append(drained, g) }, func(string) {}, func(string) {})
 	slot := SlotKey{"m", 0}
 	l.add(1, slot)
 	release, err := l.acquire(context.Background(), 1)
@@ -33,14 +33,14 @@ func TestLeasesDeadGenerationFailsAtOnce(t *testing.T) {
 }
 
 func TestLeasesUnknownGeneration(t *testing.T) {
-	l := newLeases(func(uint64) {})
+	l := newLeases(func(uint64) {}, func(string) {}, func(string) {})
 	if _, err := l.acquire(context.Background(), 42); !errors.Is(err, ErrTokenRemoved) {
 		t.Fatalf("got %v, want ErrTokenRemoved", err)
 	}
 }
 
 func TestLeasesNextGenerationWaitsForReclamation(t *testing.T) {
-	l := newLeases(func(uint64) {})
+	l := newLeases(func(uint64) {}, func(string) {}, func(string) {})
 	slot := SlotKey{"m", 0}
 	l.add(1, slot)
 	hold1, _ := l.acquire(context.Background(), 1)

@@ -28,11 +28,16 @@ type loop struct {
 	attachments uint64             // counter for Reader.Attachment
 	slots       map[SlotKey]*Slot  // current slots (with tokens)
 	slotTrack   map[SlotKey]*tracked
+	// lastRead is the reader attachment and event count each reader-backed
+	// slot had when its module last read it: a released module is
+	// initialized again only for a slot whose reader moved on since.
+	lastRead map[SlotKey]tracked
 	lastGen     uint64
 	seq         uint64
 	reclaimGen  map[uint64]SlotKey // dead generations waiting for reclamation
 	pcscRetry   backoff
 	pcscRetryAt time.Time // non-zero: re-read PC/SC then (a read failed while the watcher was fine)
+	pcscPollAt  time.Time // non-zero: re-read PC/SC then (exclusive use is not an event: sharePoll)
 }
 
 // tracked is what the loop remembers of a slot's token beyond the snapshot:
@@ -60,6 +65,12 @@ type moduleTrack struct {
 	retryAt     time.Time // when not initialized: next Initialize attempt
 	nextPoll    time.Time // polling mode: next re-read
 	lastErr     error
+
+	// Idle release (release.go).
+	pcscBacked  bool              // the last read showed slots that all stand for readers
+	seenReaders map[string]uint64 // reader attachments at the last read
+	released    bool              // finalized because idle; the view keeps its slots
+	releaseAt   time.Time         // idle since before this minus the grace: release then
 }
 
 func newLoop(m *Monitor) *loop {
@@ -68,6 +79,7 @@ func newLoop(m *Monitor) *loop {
 		readers:    map[string]*Reader{},
 		slots:      map[SlotKey]*Slot{},
 		slotTrack:  map[SlotKey]*tracked{},
+		lastRead:   map[SlotKey]tracked{},
 		reclaimGen: map[uint64]SlotKey{},
 		pcscRetry:  backoff{Min: m.cfg.RetryMin, Max: m.cfg.RetryMax},
 	}
@@ -150,9 +162,11 @@ func (l *loop) armTimer(t *time.Timer) {
 		}
 		if mt.initialized {
 			consider(mt.rereadAt)
+			consider(mt.releaseAt)
 		}
 	}
 	consider(l.pcscRetryAt)
+	consider(l.pcscPollAt)
 	d := time.Hour
 	if !next.IsZero() {
 		d = max(time.Until(next), 0)
@@ -166,6 +180,7 @@ func (l *loop) shutdown() {
 	}
 	l.reader.close()
 	for _, mt := range l.modules {
+		l.m.leases.unmanage(mt.name, ErrClosed)
 		l.finalizeModule(mt)
 	}
 	l.m.pubMu.Lock()
@@ -184,6 +199,7 @@ func (l *loop) takeInbox() reports {
 	got := in.reports
 	in.pcscDirty, in.pcscRecovered = false, false
 	in.modulesDirty, in.waitUnsupported, in.waitFailed = map[string]bool{}, map[string]bool{}, map[string]error{}
+	in.demanded = map[string]bool{}
 	in.drained = nil
 	in.rescan = false
 	return got
@@ -252,14 +268,20 @@ func (l *loop) refresh(all bool) {
 			readModule[mt] = true
 			mt.rereadAt = time.Time{}
 		}
-		if in.modulesDirty[mt.name] || all || in.pcscDirty {
+		// A module read on PC/SC events is read when a reader changed
+		// (below), not on every PC/SC wake-up: its own connect to a card
+		// wakes the watcher too.
+		if in.modulesDirty[mt.name] || all || (in.pcscDirty && mt.waitMode != WaitPCSC) {
 			readModule[mt] = true
 		}
 	}
 
 	readersChanged := false
-	if l.cfg.PCSC && (all || in.pcscDirty || len(readModule) > 0 || (!l.pcscRetryAt.IsZero() && !now.Before(l.pcscRetryAt))) {
+	if l.cfg.PCSC && (all || in.pcscDirty || len(readModule) > 0 || len(in.demanded) > 0 ||
+		(!l.pcscRetryAt.IsZero() && !now.Before(l.pcscRetryAt)) ||
+		(!l.pcscPollAt.IsZero() && !now.Before(l.pcscPollAt))) {
 		readersChanged = l.readPCSC(now)
+		l.pcscPollAt = time.Time{} // read: scheduled again below
 	}
 	if readersChanged {
 		for _, mt := range l.modules {
@@ -267,8 +289,29 @@ func (l *loop) refresh(all bool) {
 		}
 	}
 
+	for _, mt := range l.modules {
+		if !mt.released {
+			continue
+		}
+		why := ""
+		switch {
+		case in.demanded[mt.name]:
+			why = "an operation needs it"
+		case l.needsCardRead(mt):
+			why = "a reader changed"
+		default:
+			readModule[mt] = false
+			continue
+		}
+		readModule[mt] = l.wakeModule(mt, why)
+	}
+
 	newSlots := map[SlotKey]*Slot{}
 	for _, mt := range l.modules {
+		if mt.released {
+			l.carrySlots(mt, newSlots)
+			continue
+		}
 		if !mt.initialized || mt.failed {
 			continue // a failed module has no slots, so its tokens are removed
 		}
@@ -298,22 +341,37 @@ func (l *loop) refresh(all bool) {
 		mt.failures, mt.lastErr = 0, nil
 		mt.retry.Reset()
 		unsettled := false
+		built := make([]*Slot, 0, len(reads))
 		for _, r := range reads {
 			s := l.buildSlot(mt, r, now)
 			newSlots[s.Key] = s
+			built = append(built, s)
 			if s.Token == nil && r.token == nil && s.Reader != "" {
 				if rd := l.readers[s.Reader]; rd != nil && rd.State == ReaderPresent {
 					unsettled = true
 				}
 			}
 		}
+		l.noteRead(mt, built)
+		l.decideWaitMode(mt, now)
 		l.settle(mt, unsettled, now)
 		if safetyRead[mt] && !all && !in.pcscDirty && !readersChanged && !in.modulesDirty[mt.name] {
 			l.checkMissedEvents(mt, newSlots)
 		}
 	}
 
+	l.considerRelease(now)
+	if l.pcscPollAt.IsZero() {
+		l.schedulePCSCPoll(now)
+	}
 	l.commit(newSlots)
+	for _, mt := range l.modules {
+		if mt.initialized {
+			// Operations waiting for a released module go on once the
+			// view shows what it read.
+			l.m.leases.reopen(mt.name, nil)
+		}
+	}
 }
 
 // settle schedules a few quick re-reads while PC/SC reports a card that the

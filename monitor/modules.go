@@ -36,9 +36,10 @@ func (l *loop) initModule(mt *moduleTrack) {
 	mt.retryAt = time.Time{}
 	mt.view = ModuleView{}
 	mt.failed = false
-	if mt.waitMode != WaitPolling {
-		mt.waitMode = WaitBlocking
-		l.startWaiter(mt)
+	if mt.waitMode != WaitPolling && mt.waitMode != WaitPCSC {
+		// Decided after the first read (decideWaitMode): a module whose
+		// slots stand for readers needs no waiter.
+		mt.waitMode = WaitUnknown
 	}
 }
 
@@ -84,6 +85,7 @@ func (l *loop) replaceModules(mods []Module) {
 			continue
 		}
 		l.log.Info("module removed", "module", mt.name)
+		l.m.leases.unmanage(mt.name, ErrTokenRemoved)
 		l.finalizeModule(mt)
 	}
 	for _, mod := range mods {

@@ -34,7 +34,30 @@ type Module interface {
 	// ReclaimSlot forgets the sessions of dead generations up to gen without
 	// passing their handles to the module.
 	ReclaimSlot(slot uint, gen uint64) int
+	// SessionCount is how many sessions the module holds (open or not yet
+	// reclaimed): an idle release waits until it is 0.
+	SessionCount() int
 }
+
+// IdleRelease is what the monitor does with a module whose slots all stand
+// for PC/SC readers (OpenSC and its kind) once nothing needs it.
+//
+// Such a module holds every card it sees (OpenSC connects in shared mode
+// from C_Initialize to C_Finalize), which keeps programs that want a card
+// exclusively (GnuPG's scdaemon) out. When enabled, the monitor finalizes
+// the module after Grace without a session, an operation or a read, and
+// learns of changes from PC/SC alone meanwhile; the view stays as it was.
+// It initializes the module again when an operation needs it (Acquire) or
+// when PC/SC reports a change the module must read (a card inserted or
+// swapped, a new reader).
+type IdleRelease struct {
+	Enabled bool
+	Grace   time.Duration
+}
+
+// DefaultIdleRelease is the policy of modules Config.IdleRelease says
+// nothing of: enabled, with a grace of one second.
+var DefaultIdleRelease = IdleRelease{Enabled: true, Grace: time.Second}
 
 // Config is what New needs.
 type Config struct {
@@ -66,6 +89,16 @@ type Config struct {
 	// module's waiter (default 20 ms): a module whose wait returns at once
 	// forever cannot spin the daemon, and events are wake-ups anyway.
 	MinWakeGap time.Duration
+	// SharePoll is how often PC/SC is read while a card sits in a reader
+	// that no initialized module holds, to see another process take it
+	// exclusively (pcscd wakes no one for that); while one is held
+	// exclusively, it is read four times as often, to see it freed.
+	// Default 1 s.
+	SharePoll time.Duration
+	// IdleRelease returns a module's idle release policy. It is asked at
+	// each decision, so a reload may change it. Default:
+	// DefaultIdleRelease for every module.
+	IdleRelease func(module string) IdleRelease
 	// Logger gets the monitor's decisions (Debug: every event). Default:
 	// discard.
 	Logger *slog.Logger
@@ -101,6 +134,12 @@ func (c Config) withDefaults() Config {
 	}
 	if c.Logger == nil {
 		c.Logger = slog.New(slog.DiscardHandler)
+	}
+	if c.SharePoll <= 0 {
+		c.SharePoll = time.Second
+	}
+	if c.IdleRelease == nil {
+		c.IdleRelease = func(string) IdleRelease { return DefaultIdleRelease }
 	}
 	return c
 }
@@ -151,7 +190,8 @@ type reports struct {
 	waitUnsupported map[string]bool
 	waitFailed      map[string]error
 	drained         []uint64
-	rescan          bool // Rescan: re-read every module and PC/SC
+	demanded        map[string]bool // released modules an operation waits for
+	rescan          bool            // Rescan: re-read every module and PC/SC
 }
 
 // New starts a monitor: it initializes the modules, starts the sources and
@@ -178,12 +218,18 @@ func New(cfg Config) (*Monitor, error) {
 	m.inbox.modulesDirty = map[string]bool{}
 	m.inbox.waitUnsupported = map[string]bool{}
 	m.inbox.waitFailed = map[string]error{}
+	m.inbox.demanded = map[string]bool{}
 	m.leases = newLeases(func(gen uint64) {
 		m.inbox.mu.Lock()
 		m.inbox.drained = append(m.inbox.drained, gen)
 		m.inbox.mu.Unlock()
 		m.wake()
-	})
+	}, func(module string) {
+		m.inbox.mu.Lock()
+		m.inbox.demanded[module] = true
+		m.inbox.mu.Unlock()
+		m.wake()
+	}, func(string) { m.wake() })
 	m.snap.Store(&Snapshot{State: StateUnknown, StateReason: "starting"})
 	l := newLoop(m)
 	l.refresh(true) // the first snapshot, before New returns
@@ -233,8 +279,33 @@ func (m *Monitor) publish(s *Snapshot, evs []Event) {
 // waits (until ctx is done) while an older generation of the same slot is
 // still draining, so sessions of the new token never coexist with handles of
 // the old one.
+//
+// A released module (IdleRelease) is initialized again first. A token whose
+// card another process holds exclusively fails at once with ErrCardInUse.
 func (m *Monitor) Acquire(ctx context.Context, gen uint64) (release func(), err error) {
-	return m.leases.acquire(ctx, gen)
+	if m.inExclusiveUse(gen) {
+		return nil, ErrCardInUse
+	}
+	release, err = m.leases.acquire(ctx, gen)
+	if err == nil && m.inExclusiveUse(gen) {
+		// Seen by the read that initialized the module again: pcscd
+		// tells no one when a card is taken exclusively.
+		release()
+		return nil, ErrCardInUse
+	}
+	return release, err
+}
+
+// inExclusiveUse tells whether the current view shows generation gen's
+// card held exclusively by another process.
+func (m *Monitor) inExclusiveUse(gen uint64) bool {
+	s := m.Snapshot()
+	if t, ok := s.Token(gen); ok && t.Reader != "" {
+		if r, ok := s.Reader(t.Reader); ok && r.State == ReaderExclusive {
+			return true
+		}
+	}
+	return false
 }
 
 // SetModules replaces the set of watched modules (a reload): modules no

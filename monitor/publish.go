@@ -25,6 +25,7 @@ func (l *loop) commit(newSlots map[SlotKey]*Slot) {
 			l.killGeneration(ev.Token)
 		case SlotRemoved:
 			delete(l.slotTrack, ev.Slot.Key)
+			delete(l.lastRead, ev.Slot.Key)
 		case TokenInserted:
 			l.m.leases.add(ev.Token.Generation, ev.Token.Slot)
 		}
@@ -61,7 +62,8 @@ func (l *loop) buildSnapshot(slots map[SlotKey]*Slot) *Snapshot {
 		}
 		mv.WaitMode = mt.waitMode
 		mv.State, mv.StateReason = ModuleRunning, ""
-		if !mt.initialized || mt.failed {
+		mv.Released = mt.released
+		if (!mt.initialized && !mt.released) || mt.failed {
 			mv.State = ModuleFailed
 			reason := "not initialized"
 			if mt.lastErr != nil {

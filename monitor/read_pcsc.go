@@ -55,7 +55,7 @@ func (l *loop) readPCSC(now time.Time) bool {
 	changed := false
 	for _, st := range states {
 		r := &Reader{Name: st.Reader, State: readerState(st.EventState), EventCount: st.EventCount()}
-		if r.State == ReaderPresent || r.State == ReaderMute {
+		if r.State == ReaderPresent || r.State == ReaderMute || r.State == ReaderExclusive {
 			r.Atr = st.Atr
 		}
 		if old, ok := l.readers[st.Reader]; ok && old.Attachment != 0 {
@@ -87,6 +87,8 @@ func readerState(f scard.StateFlag) ReaderState {
 		return ReaderUnavailable
 	case f&scard.StateMute != 0:
 		return ReaderMute
+	case f&scard.StatePresent != 0 && f&scard.StateExclusive != 0:
+		return ReaderExclusive
 	case f&scard.StatePresent != 0:
 		return ReaderPresent
 	case f&scard.StateEmpty != 0:

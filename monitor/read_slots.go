@@ -79,6 +79,19 @@ func (l *loop) buildSlot(mt *moduleTrack, r slotRead, now time.Time) *Slot {
 	if s.Reader == "" && old != nil && !l.pcscUp {
 		s.Reader = old.Reader // pcscd is down: the slot still stands for its reader
 	}
+	if rd := l.readers[s.Reader]; s.Reader != "" && rd != nil && rd.State == ReaderExclusive {
+		// Another process holds the card exclusively: whatever the module
+		// answers, it could not read it. The token stays as long as it is
+		// the same insertion; a card that changed meanwhile is read once
+		// the reader is free.
+		s.Token = l.sameInsertion(old, rd)
+		return s
+	}
+	if s.Reader != "" {
+		if rd := l.readers[s.Reader]; rd != nil {
+			l.lastRead[key] = tracked{attachment: rd.Attachment, eventCount: rd.EventCount}
+		}
+	}
 	if r.token == nil {
 		return s
 	}
@@ -127,4 +140,18 @@ func (l *loop) buildSlot(mt *moduleTrack, r slotRead, now time.Time) *Slot {
 	t.Flags, t.Reader = cand.Flags, cand.Reader
 	s.Token = &t
 	return s
+}
+
+// sameInsertion returns the slot's current token if PC/SC has counted no
+// insertion or removal in its reader since the module last read it, nil
+// otherwise.
+func (l *loop) sameInsertion(old *Slot, rd *Reader) *Token {
+	if old == nil || old.Token == nil {
+		return nil
+	}
+	tr := l.slotTrack[old.Key]
+	if tr == nil || tr.attachment != rd.Attachment || tr.eventCount != rd.EventCount {
+		return nil
+	}
+	return old.Token
 }

@@ -36,6 +36,10 @@ const (
 	ReaderPresent     ReaderState = 2
 	ReaderMute        ReaderState = 3
 	ReaderUnavailable ReaderState = 4
+	// ReaderExclusive: a card is present and another process holds it
+	// exclusively (SCARD_STATE_EXCLUSIVE). Its token stays in the view with
+	// its generation; calls that need the card fail with ErrCardInUse.
+	ReaderExclusive ReaderState = 5
 )
 
 func (s ReaderState) String() string {
@@ -48,6 +52,8 @@ func (s ReaderState) String() string {
 		return "mute"
 	case ReaderUnavailable:
 		return "unavailable"
+	case ReaderExclusive:
+		return "exclusive"
 	}
 	return "unknown"
 }
@@ -59,6 +65,10 @@ const (
 	WaitUnknown  WaitMode = 0
 	WaitBlocking WaitMode = 1 // a C_WaitForSlotEvent waiter
 	WaitPolling  WaitMode = 2 // the module cannot wait; the monitor re-reads it on a timer
+	// WaitPCSC: the module's slots stand for PC/SC readers; the monitor
+	// reads it when PC/SC reports a reader change (no waiter thread, so
+	// the module can be finalized while idle: see IdleRelease).
+	WaitPCSC WaitMode = 3
 )
 
 func (w WaitMode) String() string {
@@ -67,6 +77,8 @@ func (w WaitMode) String() string {
 		return "blocking"
 	case WaitPolling:
 		return "polling"
+	case WaitPCSC:
+		return "pcsc"
 	}
 	return "unknown"
 }
@@ -150,6 +162,10 @@ type ModuleView struct {
 	WaitMode       WaitMode
 	State          ModuleState
 	StateReason    string
+	// Released: the module is finalized because nothing needed it (see
+	// IdleRelease); its slots and tokens stay in the view, and it is
+	// initialized again when a call or a reader change needs it.
+	Released bool
 }
 
 // Snapshot is an immutable view of everything the monitor knows. Never

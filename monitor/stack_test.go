@@ -571,7 +571,7 @@ func TestPollingModule(t *testing.T) {
 	for !softhsmPolled(snap) {
 		snap = w.next(eventTimeout, monitor.ModuleChanged).Snapshot
 	}
-	// OpenSC still waits, and its card is seen while SoftHSM is polled.
+	// OpenSC's card is still seen while SoftHSM is polled.
 	if err := w.cards[0].Insert(); err != nil {
 		t.Fatal(err)
 	}
@@ -584,7 +584,8 @@ func TestPollingModule(t *testing.T) {
 		t.Fatalf("polling changed the SoftHSM token's generation: %v", mon.Snapshot().Tokens())
 	}
 	for _, m := range mon.Snapshot().Modules {
-		want := map[string]monitor.WaitMode{"opensc": monitor.WaitBlocking, "softhsm": monitor.WaitPolling}[m.Name]
+		// OpenSC's slots stand for readers: PC/SC is its source.
+		want := map[string]monitor.WaitMode{"opensc": monitor.WaitPCSC, "softhsm": monitor.WaitPolling}[m.Name]
 		if m.WaitMode != want || m.State != monitor.ModuleRunning {
 			t.Errorf("module %s: wait %v state %v, want %v running", m.Name, m.WaitMode, m.State, want)
 		}

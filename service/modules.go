@@ -19,12 +19,24 @@ type loadedModules struct {
 	logCalls    bool
 	log         *slog.Logger
 
-	mu     sync.Mutex // guards byPath; reloads may race
-	byPath map[string]*module.Module
+	mu      sync.Mutex // guards byPath and release; reloads may race
+	byPath  map[string]*module.Module
+	release map[string]monitor.IdleRelease // by module name, from the last apply
 }
 
 func newLoadedModules(isolateFlag, logCalls bool, log *slog.Logger) *loadedModules {
-	return &loadedModules{set: module.NewSet(), isolateFlag: isolateFlag, logCalls: logCalls, log: log, byPath: map[string]*module.Module{}}
+	return &loadedModules{set: module.NewSet(), isolateFlag: isolateFlag, logCalls: logCalls, log: log, byPath: map[string]*module.Module{}, release: map[string]monitor.IdleRelease{}}
+}
+
+// idleRelease is the monitor's Config.IdleRelease: each module's policy as
+// the config resolved it at the last start or reload.
+func (l *loadedModules) idleRelease(name string) monitor.IdleRelease {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	if r, ok := l.release[name]; ok {
+		return r
+	}
+	return monitor.DefaultIdleRelease
 }
 
 // apply makes mods the set's contents and returns them for the monitor.
@@ -33,7 +45,9 @@ func (l *loadedModules) apply(mods []config.Module) []monitor.Module {
 	defer l.mu.Unlock()
 	var list []*module.Module
 	var watched []monitor.Module
+	l.release = map[string]monitor.IdleRelease{}
 	for _, mc := range mods {
+		l.release[mc.Name] = mc.IdleRelease
 		m, ok := l.byPath[mc.Path]
 		if !ok || m.Name() != mc.Name {
 			isolate := mc.Isolate || (l.isolateFlag && mc.From == config.FromFlag)

@@ -76,7 +76,7 @@ func runServe(args []string) error {
 	}
 	defer conn.Close()
 
-	mon, err := monitor.New(monitor.Config{Modules: watched, PCSC: !*noPCSC, Logger: logger})
+	mon, err := monitor.New(monitor.Config{Modules: watched, PCSC: !*noPCSC, Logger: logger, IdleRelease: loaded.idleRelease})
 	if err != nil {
 		return err
 	}
