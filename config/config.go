@@ -57,7 +57,7 @@ type Config struct {
 	// own (monitor.IdleRelease says what it does).
 	IdleRelease IdleRelease
 	Modules     []Module
-	Source       string // the file it came from, "" for the built-in defaults
+	Source      string // the file it came from, "" for the built-in defaults
 }
 
 // Limits are the broker's per-caller limits (broker.Limits documents

@@ -31,7 +31,7 @@ type loop struct {
 	// lastRead is the reader attachment and event count each reader-backed
 	// slot had when its module last read it: a released module is
 	// initialized again only for a slot whose reader moved on since.
-	lastRead map[SlotKey]tracked
+	lastRead    map[SlotKey]tracked
 	lastGen     uint64
 	seq         uint64
 	reclaimGen  map[uint64]SlotKey // dead generations waiting for reclamation

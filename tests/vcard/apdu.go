@@ -24,7 +24,8 @@ const (
 	swBytesRemaining   = 0x6100 // 61XX: XX more bytes for GET RESPONSE
 )
 
-// Instructions the card implements; every other INS gets 6D00.
+// Instructions the card implements; every other INS gets 6D00 (except
+// those of the OpenPGP application while it is selected, openpgp.go).
 const (
 	insSelect      = 0xA4
 	insReadBinary  = 0xB0
@@ -116,6 +117,8 @@ type chip struct {
 	onTokenInfoRead func()
 	// onCommand, if set, is called for every command APDU.
 	onCommand func()
+	// pgp is the OpenPGP application (openpgp.go).
+	pgp openPGPState
 }
 
 func newChip(mf *file) *chip {
@@ -128,6 +131,7 @@ func newChip(mf *file) *chip {
 // and nothing is pending.
 func (c *chip) reset() {
 	c.curDF, c.curEF, c.pending = c.mf, nil, nil
+	c.pgp.selected = false
 }
 
 // process executes one command APDU and returns the response APDU
@@ -158,6 +162,9 @@ func (c *chip) process(apdu []byte) []byte {
 	}
 	c.pending = nil // GET RESPONSE only continues the command right before it
 
+	if resp, ok := c.openPGP(cmd); ok {
+		return resp
+	}
 	switch cmd.ins {
 	case insSelect:
 		data, status := c.selectFile(cmd)
