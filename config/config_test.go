@@ -10,8 +10,12 @@ import (
 	"testing"
 	"time"
 
+	"github.com/slotwatch/slotwatch/monitor"
 	"github.com/slotwatch/slotwatch/policy"
 )
+
+// DefaultIdleReleaseForTest is every module's policy when the file sets none.
+var DefaultIdleReleaseForTest = monitor.DefaultIdleRelease
 
 func TestParseGood(t *testing.T) {
 	def := func(edit func(c *Config)) *Config {
@@ -38,7 +42,7 @@ path = /usr/lib/x86_64-linux-gnu/pkcs11/opensc-pkcs11.so
 isolate = false                  # true: load through p11-kit remote (crash isolation)
 `, def(func(c *Config) {
 			c.RemovalActionSet = true // "removal-action = none" is a choice, unlike no line
-			c.Modules = []Module{{Name: "opensc", Path: "/usr/lib/x86_64-linux-gnu/pkcs11/opensc-pkcs11.so", From: FromFile, Source: "slotwatch.conf:5"}}
+			c.Modules = []Module{{Name: "opensc", Path: "/usr/lib/x86_64-linux-gnu/pkcs11/opensc-pkcs11.so", From: FromFile, Source: "slotwatch.conf:5", IdleRelease: DefaultIdleReleaseForTest}}
 		})},
 		{"every value set", `removal-action=force-logout
 removal-scope = any
@@ -72,8 +76,8 @@ notify = true
 		{"two modules, isolate, cleaned path, CRLF, BOM", "\ufeffnotify = true\r\n[module a]\r\npath = /opt//a/../a/liba.so\r\n[ module  b_2-x ]\r\nisolate = true\r\npath=/opt/b.so\r\n", def(func(c *Config) {
 			c.Notify = true
 			c.Modules = []Module{
-				{Name: "a", Path: "/opt/a/liba.so", From: FromFile, Source: "slotwatch.conf:2"},
-				{Name: "b_2-x", Path: "/opt/b.so", Isolate: true, From: FromFile, Source: "slotwatch.conf:4"},
+				{Name: "a", Path: "/opt/a/liba.so", From: FromFile, Source: "slotwatch.conf:2", IdleRelease: DefaultIdleReleaseForTest},
+				{Name: "b_2-x", Path: "/opt/b.so", Isolate: true, From: FromFile, Source: "slotwatch.conf:4", IdleRelease: DefaultIdleReleaseForTest},
 			}
 		})},
 		{"limits", `max-sessions-per-token = 1024
@@ -96,7 +100,18 @@ token-wait = 0.25
 			c.Limits.TokenWait = time.Minute
 		})},
 		{"hash inside a value is not a comment", "[module a]\npath = /opt/a#1/a.so # but this is\n", def(func(c *Config) {
-			c.Modules = []Module{{Name: "a", Path: "/opt/a#1/a.so", From: FromFile, Source: "slotwatch.conf:1"}}
+			c.Modules = []Module{{Name: "a", Path: "/opt/a#1/a.so", From: FromFile, Source: "slotwatch.conf:1", IdleRelease: DefaultIdleReleaseForTest}}
+		})},
+		{"idle release: top level is every section's default, a section overrides one key", "idle-release-grace = 0.5\n[module a]\npath = /a.so\n[module b]\npath = /b.so\nidle-release = false\n[module c]\npath = /c.so\nidle-release-grace = 0\n", def(func(c *Config) {
+			c.IdleRelease = IdleRelease{Enabled: true, Grace: 500 * time.Millisecond}
+			c.Modules = []Module{
+				{Name: "a", Path: "/a.so", From: FromFile, Source: "slotwatch.conf:2", IdleRelease: IdleRelease{Enabled: true, Grace: 500 * time.Millisecond}},
+				{Name: "b", Path: "/b.so", From: FromFile, Source: "slotwatch.conf:4", IdleRelease: IdleRelease{Enabled: false, Grace: 500 * time.Millisecond}},
+				{Name: "c", Path: "/c.so", From: FromFile, Source: "slotwatch.conf:7", IdleRelease: IdleRelease{Enabled: true}},
+			}
+		})},
+		{"idle release off everywhere, at its longest grace", "idle-release = false\nidle-release-grace = 3600\n", def(func(c *Config) {
+			c.IdleRelease = IdleRelease{Grace: time.Hour}
 		})},
 	}
 	for _, tt := range tests {
@@ -119,8 +134,8 @@ func TestParseBad(t *testing.T) {
 		line int
 		msg  string // a substring of the message
 	}{
-		{"unknown key", "notify = true\n\n# x\nfoo = bar\n", 4, `unknown key "foo" (known: removal-action, removal-scope, removal-grace, notify, max-sessions-per-token, max-concurrent-calls, max-find-results, token-wait)`},
-		{"unknown module key", "[module a]\npath = /a.so\nlibrary = /b.so\n", 3, `unknown key "library" in [module a] (known: path, isolate)`},
+		{"unknown key", "notify = true\n\n# x\nfoo = bar\n", 4, `unknown key "foo" (known: removal-action, removal-scope, removal-grace, notify, max-sessions-per-token, max-concurrent-calls, max-find-results, token-wait, idle-release, idle-release-grace)`},
+		{"unknown module key", "[module a]\npath = /a.so\nlibrary = /b.so\n", 3, `unknown key "library" in [module a] (known: path, isolate, idle-release, idle-release-grace)`},
 		{"top-level key in a section", "[module a]\npath = /a.so\nnotify = true\n", 3, `key "notify" is not a module key; top-level keys go before the first [module] section`},
 		{"no equals sign", "notify true\n", 1, `expected "key = value", "[module NAME]" or a comment, got "notify true"`},
 		{"p11-kit syntax", "[module a]\npath: /a.so\n", 2, `expected "key = value"`},
@@ -165,6 +180,9 @@ func TestParseBad(t *testing.T) {
 		{"find results 100001", "max-find-results = 100001\n", 1, `max-find-results = 100001 is out of range (want a whole number from 1 to 100000)`},
 		{"find results hex", "max-find-results = 0x10\n", 1, `bad value "0x10" for max-find-results`},
 		{"find results with a thousands separator", "max-find-results = 1_000\n", 1, `bad value "1_000" for max-find-results`},
+		{"idle-release yes", "idle-release = yes\n", 1, `bad value "yes" for idle-release (want true or false)`},
+		{"idle-release-grace over an hour", "[module a]\npath = /a.so\nidle-release-grace = 3601\n", 3, `idle-release-grace = 3601 is out of range (want seconds, from 0 to 3600)`},
+		{"idle-release-grace negative", "idle-release-grace = -1\n", 1, `bad value "-1" for idle-release-grace`},
 		{"token-wait 0", "token-wait = 0\n", 1, `token-wait = 0 is out of range (want seconds, more than 0 and at most 60)`},
 		{"token-wait 0.0", "token-wait = 0.0\n", 1, `token-wait = 0.0 is out of range`},
 		{"token-wait below a nanosecond", "token-wait = 0.0000000001\n", 1, `token-wait = 0.0000000001 is out of range`},

@@ -544,9 +544,9 @@ func TestP11KitResolveModules(t *testing.T) {
 			t.Errorf("config = %+v, want notify from %s", cfg, conf)
 		}
 		want := []Module{
-			{Name: "card", Path: filepath.Join(f.libDir, "opensc-link.so"), Isolate: true, From: FromFile, Source: conf + ":2"},
-			{Name: "softhsm2", Path: filepath.Join(f.libDir, "other-softhsm.so"), From: FromFile, Source: conf + ":5"},
-			{Name: "other", Path: filepath.Join(f.libDir, "other.so"), From: FromP11Kit, Source: filepath.Join(f.pkg, "other.module")},
+			{Name: "card", Path: filepath.Join(f.libDir, "opensc-link.so"), Isolate: true, From: FromFile, Source: conf + ":2", IdleRelease: DefaultIdleReleaseForTest},
+			{Name: "softhsm2", Path: filepath.Join(f.libDir, "other-softhsm.so"), From: FromFile, Source: conf + ":5", IdleRelease: DefaultIdleReleaseForTest},
+			{Name: "other", Path: filepath.Join(f.libDir, "other.so"), From: FromP11Kit, Source: filepath.Join(f.pkg, "other.module"), IdleRelease: DefaultIdleReleaseForTest},
 		}
 		if !reflect.DeepEqual(mods, want) {
 			t.Errorf("modules =\n%+v\nwant\n%+v", mods, want)
@@ -574,9 +574,9 @@ func TestP11KitResolveModules(t *testing.T) {
 			t.Errorf("config %+v, want the defaults (no search with --module)", cfg)
 		}
 		want := []Module{
-			{Name: "opensc-pkcs11", Path: opensc, From: FromFlag, Source: "--module"},
-			{Name: "softhsm2", Path: softhsm, From: FromFlag, Source: "--module"},
-			{Name: "opensc-pkcs11-2", Path: other, From: FromFlag, Source: "--module"},
+			{Name: "opensc-pkcs11", Path: opensc, From: FromFlag, Source: "--module", IdleRelease: DefaultIdleReleaseForTest},
+			{Name: "softhsm2", Path: softhsm, From: FromFlag, Source: "--module", IdleRelease: DefaultIdleReleaseForTest},
+			{Name: "opensc-pkcs11-2", Path: other, From: FromFlag, Source: "--module", IdleRelease: DefaultIdleReleaseForTest},
 		}
 		if !reflect.DeepEqual(mods, want) {
 			t.Errorf("modules =\n%+v\nwant\n%+v", mods, want)

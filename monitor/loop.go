@@ -31,13 +31,19 @@ type loop struct {
 	// lastRead is the reader attachment and event count each reader-backed
 	// slot had when its module last read it: a released module is
 	// initialized again only for a slot whose reader moved on since.
-	lastRead    map[SlotKey]tracked
-	lastGen     uint64
-	seq         uint64
-	reclaimGen  map[uint64]SlotKey // dead generations waiting for reclamation
-	pcscRetry   backoff
-	pcscRetryAt time.Time // non-zero: re-read PC/SC then (a read failed while the watcher was fine)
-	pcscPollAt  time.Time // non-zero: re-read PC/SC then (exclusive use is not an event: sharePoll)
+	lastRead map[SlotKey]tracked
+	// changedReaders are the readers whose state this refresh's PC/SC read
+	// found changed; lastReads and slotInfoAt let a module whose slots
+	// stand for readers read only those slots (readChanged).
+	changedReaders map[string]bool
+	lastReads      map[SlotKey]slotRead
+	slotInfoAt     map[SlotKey]time.Time
+	lastGen        uint64
+	seq            uint64
+	reclaimGen     map[uint64]SlotKey // dead generations waiting for reclamation
+	pcscRetry      backoff
+	pcscRetryAt    time.Time // non-zero: re-read PC/SC then (a read failed while the watcher was fine)
+	pcscPollAt     time.Time // non-zero: re-read PC/SC then (exclusive use is not an event: sharePoll)
 }
 
 // tracked is what the loop remembers of a slot's token beyond the snapshot:
@@ -80,6 +86,8 @@ func newLoop(m *Monitor) *loop {
 		slots:      map[SlotKey]*Slot{},
 		slotTrack:  map[SlotKey]*tracked{},
 		lastRead:   map[SlotKey]tracked{},
+		lastReads:  map[SlotKey]slotRead{},
+		slotInfoAt: map[SlotKey]time.Time{},
 		reclaimGen: map[uint64]SlotKey{},
 		pcscRetry:  backoff{Min: m.cfg.RetryMin, Max: m.cfg.RetryMax},
 	}
@@ -212,6 +220,7 @@ func (l *loop) refresh(all bool) {
 	in := l.takeInbox()
 	now := time.Now()
 	all = all || in.rescan
+	l.changedReaders = map[string]bool{}
 
 	for _, gen := range in.drained {
 		l.reclaim(gen)
@@ -289,6 +298,7 @@ func (l *loop) refresh(all bool) {
 		}
 	}
 
+	fresh := map[*moduleTrack]bool{} // initialized in this refresh
 	for _, mt := range l.modules {
 		if !mt.released {
 			continue
@@ -304,6 +314,7 @@ func (l *loop) refresh(all bool) {
 			continue
 		}
 		readModule[mt] = l.wakeModule(mt, why)
+		fresh[mt] = true
 	}
 
 	newSlots := map[SlotKey]*Slot{}
@@ -323,7 +334,7 @@ func (l *loop) refresh(all bool) {
 			}
 			continue
 		}
-		reads, err := readSlots(mt.mod)
+		reads, err := l.readModule(mt, fresh[mt], all || safetyRead[mt] || in.modulesDirty[mt.name], now)
 		if err != nil {
 			l.moduleReadFailed(mt, err, now)
 			if !mt.failed {

@@ -26,6 +26,8 @@ func (l *loop) commit(newSlots map[SlotKey]*Slot) {
 		case SlotRemoved:
 			delete(l.slotTrack, ev.Slot.Key)
 			delete(l.lastRead, ev.Slot.Key)
+			delete(l.lastReads, ev.Slot.Key)
+			delete(l.slotInfoAt, ev.Slot.Key)
 		case TokenInserted:
 			l.m.leases.add(ev.Token.Generation, ev.Token.Slot)
 		}

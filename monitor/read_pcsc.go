@@ -66,11 +66,15 @@ func (l *loop) readPCSC(now time.Time) bool {
 		}
 		if old, ok := l.readers[st.Reader]; !ok || !sameReader(old, r) {
 			changed = true
+			l.changedReaders[st.Reader] = true
 		}
 		readers[st.Reader] = r
 	}
-	if len(readers) != len(l.readers) {
-		changed = true
+	for name := range l.readers {
+		if _, ok := readers[name]; !ok {
+			changed = true
+			l.changedReaders[name] = true
+		}
 	}
 	l.readers = readers
 	return changed

@@ -1,9 +1,13 @@
 package monitor
 
 import (
+	"cmp"
 	"errors"
+	"slices"
 	"strings"
 	"time"
+
+	"github.com/miekg/pkcs11"
 
 	"github.com/slotwatch/slotwatch/module"
 )
@@ -48,6 +52,137 @@ func readSlots(mod Module) ([]slotRead, error) {
 		reads = append(reads, r)
 	}
 	return reads, nil
+}
+
+// readModule reads a module's slots: only those of the readers that changed
+// when readChanged can, all of them otherwise. fresh: the module was
+// initialized in this refresh; full: read everything (a rescan, a safety
+// re-read, an event from the module itself).
+func (l *loop) readModule(mt *moduleTrack, fresh, full bool, now time.Time) ([]slotRead, error) {
+	if !full && mt.rereadAt.IsZero() {
+		if reads, ok, err := l.readChanged(mt, fresh, now); ok || err != nil {
+			return reads, err
+		}
+	}
+	reads, err := readSlots(mt.mod)
+	if err != nil {
+		return nil, err
+	}
+	for k := range l.lastReads {
+		if k.Module == mt.name {
+			delete(l.lastReads, k)
+		}
+	}
+	for _, r := range reads {
+		k := SlotKey{Module: mt.name, ID: r.id}
+		l.lastReads[k], l.slotInfoAt[k] = r, now
+	}
+	return reads, nil
+}
+
+// openSCSlotCache is how long OpenSC's C_GetSlotInfo answers from its cache
+// without looking at the reader (one second), plus a margin.
+const openSCSlotCache = 1100 * time.Millisecond
+
+// readChanged reads, for a module whose slots stand for readers (WaitPCSC),
+// only the slots of the readers that changed since it last read them, and
+// carries the other slots' last reads over. C_GetSlotList and the unchanged
+// slots' C_GetSlotInfo are what OpenSC spends most of a read on (each looks
+// at every reader), and they tell nothing new when the reader set is the
+// one the module last listed.
+//
+// It declines (ok false) unless the module is read on PC/SC events, the
+// readers are the ones (and attachments) it last saw, each changed reader
+// has exactly one known slot, and that slot's C_GetSlotInfo will look at
+// the reader: OpenSC answers it from a one-second cache, so within a
+// second of the last call (and not after a fresh C_Initialize) a swap could
+// go unnoticed, and C_GetTokenInfo would describe the old card. Right after
+// a fresh C_Initialize (a released module woken for a card) only
+// C_GetTokenInfo is called: the initialization read the card.
+func (l *loop) readChanged(mt *moduleTrack, fresh bool, now time.Time) (reads []slotRead, ok bool, err error) {
+	if mt.waitMode != WaitPCSC || len(l.readers) != len(mt.seenReaders) {
+		return nil, false, nil
+	}
+	for name, r := range l.readers {
+		if att, ok := mt.seenReaders[name]; !ok || att != r.Attachment {
+			return nil, false, nil
+		}
+	}
+	changed := map[string]bool{}
+	for name := range l.changedReaders {
+		changed[name] = true
+	}
+	for k, s := range l.slots {
+		if rd := l.readers[s.Reader]; k.Module == mt.name && rd != nil && rd.State == ReaderPresent {
+			if last, ok := l.lastRead[k]; !ok || last.attachment != rd.Attachment || last.eventCount != rd.EventCount {
+				changed[s.Reader] = true
+			}
+		}
+	}
+	var keys []SlotKey
+	perReader := map[string]int{}
+	for k, s := range l.slots {
+		if k.Module != mt.name {
+			continue
+		}
+		if _, ok := l.lastReads[k]; !ok || s.Reader == "" {
+			return nil, false, nil
+		}
+		keys = append(keys, k)
+		perReader[s.Reader]++
+		if changed[s.Reader] && !fresh && now.Sub(l.slotInfoAt[k]) < openSCSlotCache {
+			return nil, false, nil
+		}
+	}
+	for name := range changed {
+		if l.readers[name] != nil && perReader[name] != 1 {
+			return nil, false, nil
+		}
+	}
+	slices.SortFunc(keys, func(a, b SlotKey) int { return cmp.Compare(a.ID, b.ID) })
+	for _, k := range keys {
+		reader := l.slots[k].Reader
+		if !changed[reader] || l.readers[reader] == nil || l.readers[reader].State != ReaderPresent {
+			// Unchanged, or the card left (or is held by another
+			// process): PC/SC alone says so, buildSlot acts on it.
+			reads = append(reads, l.lastReads[k])
+			continue
+		}
+		if fresh {
+			// C_Initialize has just looked at every reader and read
+			// every card, and slot ids follow the reader list, which
+			// is the one of the last full read: the token is known.
+			ti, err := mt.mod.TokenInfo(k.ID)
+			if err != nil {
+				return nil, false, nil // no token yet (or a blank card): the full read settles it
+			}
+			r := l.lastReads[k]
+			r.info.Flags |= pkcs11.CKF_TOKEN_PRESENT
+			r.token = &ti
+			l.lastReads[k] = r
+			reads = append(reads, r)
+			continue
+		}
+		si, err := mt.mod.SlotInfo(k.ID)
+		if err != nil || matchReader(si.Description, l.readers) != l.slots[k].Reader {
+			return nil, false, nil // let the full read sort it out
+		}
+		l.slotInfoAt[k] = now
+		r := slotRead{id: k.ID, info: si}
+		if si.TokenPresent() {
+			ti, err := mt.mod.TokenInfo(k.ID)
+			switch {
+			case err == nil:
+				r.token = &ti
+			case module.IsTokenGone(err):
+			default:
+				return nil, false, err
+			}
+		}
+		l.lastReads[k] = r
+		reads = append(reads, r)
+	}
+	return reads, true, nil
 }
 
 // matchReader finds the PC/SC reader a slot stands for. OpenSC names its

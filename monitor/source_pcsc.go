@@ -3,6 +3,7 @@ package monitor
 import (
 	"errors"
 	"sync"
+	"time"
 
 	"github.com/ebfe/scard"
 	"github.com/slotwatch/slotwatch/internal/pcsc"
@@ -39,12 +40,21 @@ func (w *pcscWatcher) close() {
 	default:
 		close(w.stop)
 	}
-	w.mu.Lock()
-	if w.ctx != nil {
-		w.ctx.Cancel()
+	// A cancel that lands between two waits (the watcher just woke and
+	// has not called SCardGetStatusChange again) cancels nothing, and
+	// the next wait blocks for good: cancel until the goroutine is gone.
+	for {
+		w.mu.Lock()
+		if w.ctx != nil {
+			w.ctx.Cancel()
+		}
+		w.mu.Unlock()
+		select {
+		case <-w.done:
+			return
+		case <-time.After(50 * time.Millisecond):
+		}
 	}
-	w.mu.Unlock()
-	<-w.done
 }
 
 func (w *pcscWatcher) stopping() bool {
