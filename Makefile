@@ -50,10 +50,12 @@ demo: deps build
 # daemon built without the race detector so that its memory can be judged),
 # 1,000 clients that die holding sessions, 1,000 cycles of a virtual card
 # through the real stack, 100 crashes of an isolated module, and 100 pcscd
-# restarts with a card in the reader; and 100 open-loop 450/450 ms cycles
+# restarts with a card in the reader; 1,000 idle-release cycles of OpenSC
+# (file descriptors and memory); and 100 open-loop 450/450 ms cycles
 # at a GNOME-style subscriber (--gnome-compat).
 stress: deps faultmod
 	SLOTWATCH_TEST_NORACE=1 SLOTWATCH_STRESS_CYCLES=100000 SLOTWATCH_STRESS_CLIENTS=1000 SLOTWATCH_STRESS_REAL_CYCLES=1000 SLOTWATCH_STRESS_CRASHES=100 $(GO) test -count=1 -timeout 60m -run 'Stress' -v ./tests/
+	SLOTWATCH_TEST_NORACE=1 SLOTWATCH_STRESS_RELEASE_CYCLES=1000 $(GO) test -count=1 -timeout 20m -run 'ReleaseCycles' -v ./tests/
 	SLOTWATCH_GNOME_CYCLES=100 $(GO) test -count=1 -timeout 10m -run 'GnomeOpenLoop' -v ./tests/
 	SLOTWATCH_STRESS_RESTARTS=100 $(GO) test -race -count=1 -timeout 30m -run 'RestartLoop' -v ./monitor/
 

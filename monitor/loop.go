@@ -351,6 +351,7 @@ func (l *loop) refresh(all bool) {
 		}
 		mt.failures, mt.lastErr = 0, nil
 		mt.retry.Reset()
+		mt.releaseAt = time.Time{} // a read is use: the idle grace starts again
 		unsettled := false
 		built := make([]*Slot, 0, len(reads))
 		for _, r := range reads {

@@ -89,11 +89,9 @@ type Config struct {
 	// module's waiter (default 20 ms): a module whose wait returns at once
 	// forever cannot spin the daemon, and events are wake-ups anyway.
 	MinWakeGap time.Duration
-	// SharePoll is how often PC/SC is read while a card sits in a reader
-	// that no initialized module holds, to see another process take it
-	// exclusively (pcscd wakes no one for that); while one is held
-	// exclusively, it is read four times as often, to see it freed.
-	// Default 1 s.
+	// SharePoll is how often PC/SC is read while another process holds a
+	// card exclusively, to see the reader freed (pcscd wakes no one for
+	// that). Default 1 s.
 	SharePoll time.Duration
 	// IdleRelease returns a module's idle release policy. It is asked at
 	// each decision, so a reload may change it. Default:

@@ -92,13 +92,15 @@ const openSCSlotCache = 1100 * time.Millisecond
 // one the module last listed.
 //
 // It declines (ok false) unless the module is read on PC/SC events, the
-// readers are the ones (and attachments) it last saw, each changed reader
-// has exactly one known slot, and that slot's C_GetSlotInfo will look at
-// the reader: OpenSC answers it from a one-second cache, so within a
-// second of the last call (and not after a fresh C_Initialize) a swap could
-// go unnoticed, and C_GetTokenInfo would describe the old card. Right after
+// readers are the ones (and attachments) it last saw, and each changed
+// reader has exactly one known slot. A changed slot is read with
+// C_GetSlotInfo, which looks at the reader, unless that would answer from
+// OpenSC's one-second cache (a swap could go unnoticed then, and
+// C_GetTokenInfo would describe the old card). Right after
 // a fresh C_Initialize (a released module woken for a card) only
-// C_GetTokenInfo is called: the initialization read the card.
+// C_GetTokenInfo is called: the initialization read the card; within the
+// cache's second, C_GetSlotList (which looks at every reader) and
+// C_GetTokenInfo.
 func (l *loop) readChanged(mt *moduleTrack, fresh bool, now time.Time) (reads []slotRead, ok bool, err error) {
 	if mt.waitMode != WaitPCSC || len(l.readers) != len(mt.seenReaders) {
 		return nil, false, nil
@@ -121,6 +123,7 @@ func (l *loop) readChanged(mt *moduleTrack, fresh bool, now time.Time) (reads []
 	}
 	var keys []SlotKey
 	perReader := map[string]int{}
+	cached := false // a changed slot's C_GetSlotInfo would answer from OpenSC's cache
 	for k, s := range l.slots {
 		if k.Module != mt.name {
 			continue
@@ -130,8 +133,8 @@ func (l *loop) readChanged(mt *moduleTrack, fresh bool, now time.Time) (reads []
 		}
 		keys = append(keys, k)
 		perReader[s.Reader]++
-		if changed[s.Reader] && !fresh && now.Sub(l.slotInfoAt[k]) < openSCSlotCache {
-			return nil, false, nil
+		if rd := l.readers[s.Reader]; changed[s.Reader] && rd != nil && rd.State == ReaderPresent && now.Sub(l.slotInfoAt[k]) < openSCSlotCache {
+			cached = true
 		}
 	}
 	for name := range changed {
@@ -140,6 +143,26 @@ func (l *loop) readChanged(mt *moduleTrack, fresh bool, now time.Time) (reads []
 		}
 	}
 	slices.SortFunc(keys, func(a, b SlotKey) int { return cmp.Compare(a.ID, b.ID) })
+	// detected: the module has just looked at every reader (and read
+	// every new card), so C_GetTokenInfo alone tells the token.
+	detected := fresh
+	if cached && !fresh {
+		// C_GetSlotInfo would answer from its cache: have the module
+		// look at every reader (C_GetSlotList does), and check that the
+		// slots are the known ones.
+		ids, err := mt.mod.SlotList(false)
+		if err != nil {
+			return nil, false, err
+		}
+		slices.Sort(ids)
+		if !slices.EqualFunc(ids, keys, func(id uint, k SlotKey) bool { return id == k.ID }) {
+			return nil, false, nil
+		}
+		detected = true
+		for _, k := range keys {
+			l.slotInfoAt[k] = now
+		}
+	}
 	for _, k := range keys {
 		reader := l.slots[k].Reader
 		if !changed[reader] || l.readers[reader] == nil || l.readers[reader].State != ReaderPresent {
@@ -148,10 +171,9 @@ func (l *loop) readChanged(mt *moduleTrack, fresh bool, now time.Time) (reads []
 			reads = append(reads, l.lastReads[k])
 			continue
 		}
-		if fresh {
-			// C_Initialize has just looked at every reader and read
-			// every card, and slot ids follow the reader list, which
-			// is the one of the last full read: the token is known.
+		if detected {
+			// After a fresh C_Initialize slot ids follow the reader
+			// list, which is the one of the last full read.
 			ti, err := mt.mod.TokenInfo(k.ID)
 			if err != nil {
 				return nil, false, nil // no token yet (or a blank card): the full read settles it

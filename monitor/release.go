@@ -157,42 +157,23 @@ func (l *loop) releaseModule(mt *moduleTrack) {
 	}
 }
 
-// schedulePCSCPoll decides when PC/SC is read again without an event. pcscd
-// wakes no waiter when another process connects to a card or lets it go,
-// so exclusive use (ReaderExclusive) is seen only by reading: every
-// SharePoll while a card sits in a reader and no initialized module holds
-// it (a module that holds a card shares it: nobody can take it
-// exclusively), four times as often while a card is held exclusively. A
-// call that needs a released module's card reads PC/SC first anyway.
+// schedulePCSCPoll decides when PC/SC is read again without an event.
+// pcscd wakes no waiter when another process connects to a card or lets it
+// go, so exclusive use (ReaderExclusive) is seen only by reading: the
+// monitor reads PC/SC on every reader event and before it initializes a
+// released module for a call, and, while a card is held exclusively, every
+// SharePoll to see it freed (a card swapped meanwhile is read then). Not
+// while cards are merely present: that would wake the daemon every second
+// on every idle desktop to report something no call has asked about yet.
 func (l *loop) schedulePCSCPoll(now time.Time) {
 	l.pcscPollAt = time.Time{}
 	if !l.pcscUp {
 		return
 	}
-	var every time.Duration
 	for _, r := range l.readers {
-		switch {
-		case r.State == ReaderExclusive:
-			every = l.cfg.SharePoll / 4
-		case r.State == ReaderPresent && every == 0 && !l.heldByModule(r.Name):
-			every = l.cfg.SharePoll
+		if r.State == ReaderExclusive {
+			l.pcscPollAt = now.Add(l.cfg.SharePoll)
+			return
 		}
 	}
-	if every > 0 {
-		l.pcscPollAt = now.Add(every)
-	}
-}
-
-// heldByModule tells whether an initialized module has a slot for reader:
-// then it holds the reader's card (OpenSC connects from C_Initialize on).
-func (l *loop) heldByModule(reader string) bool {
-	for k, s := range l.slots {
-		if s.Reader != reader {
-			continue
-		}
-		if mt := l.moduleTrack(k.Module); mt != nil && mt.initialized {
-			return true
-		}
-	}
-	return false
 }

@@ -200,6 +200,16 @@ func TestExclusiveUserWhileReleased(t *testing.T) {
 	w.waitReleased(true)
 
 	let := holdExclusive(t, w)
+	// pcscd tells no one of an exclusive connect: the call that needs the
+	// card finds out.
+	start := time.Now()
+	if _, err := w.mon.Acquire(context.Background(), tok.Generation); !errors.Is(err, monitor.ErrCardInUse) {
+		t.Fatalf("acquire while held exclusively: %v, want ErrCardInUse", err)
+	}
+	t.Logf("acquire said the card is in use after %v", time.Since(start).Round(time.Microsecond))
+	if d := time.Since(start); d > time.Second {
+		t.Errorf("acquire took %v to say the card is in use", d)
+	}
 	for {
 		ev := w.next(eventTimeout, monitor.ReaderChanged, monitor.TokenRemoved, monitor.TokenInserted)
 		if ev.Kind != monitor.ReaderChanged {
@@ -209,12 +219,13 @@ func TestExclusiveUserWhileReleased(t *testing.T) {
 			break
 		}
 	}
-	start := time.Now()
+	// Known now: the next call is refused at once.
+	start = time.Now()
 	if _, err := w.mon.Acquire(context.Background(), tok.Generation); !errors.Is(err, monitor.ErrCardInUse) {
-		t.Fatalf("acquire while held exclusively: %v, want ErrCardInUse", err)
+		t.Fatalf("second acquire while held exclusively: %v, want ErrCardInUse", err)
 	}
-	if d := time.Since(start); d > 100*time.Millisecond {
-		t.Errorf("acquire took %v to say the card is in use", d)
+	if d := time.Since(start); d > 10*time.Millisecond {
+		t.Errorf("second acquire took %v to say the card is in use", d)
 	}
 	let()
 	for {
