@@ -252,6 +252,22 @@ func TestRapidReplug(t *testing.T) {
 	if n, err := strconv.Atoi(os.Getenv("SLOTWATCH_TEST_CYCLES")); err == nil {
 		cycles = n
 	}
+	rapidReplug(t, monitor.Config{}, cycles)
+}
+
+// TestRapidReplugReleased: the same with a released module between any two
+// events (grace 0): every insertion is read by a fresh C_Initialize.
+func TestRapidReplugReleased(t *testing.T) {
+	cycles := 30
+	if n, err := strconv.Atoi(os.Getenv("SLOTWATCH_TEST_CYCLES")); err == nil {
+		cycles = n
+	}
+	rapidReplug(t, monitor.Config{IdleRelease: func(string) monitor.IdleRelease {
+		return monitor.IdleRelease{Enabled: true}
+	}}, cycles)
+}
+
+func rapidReplug(t *testing.T, cfg monitor.Config, cycles int) {
 	w := newWorld(t)
 	reader := w.pcscd.Readers()[0]
 	obs, err := stack.NewObserver([]string{reader})
@@ -260,7 +276,7 @@ func TestRapidReplug(t *testing.T) {
 	}
 	defer obs.Close()
 	baseline := runtime.NumGoroutine()
-	w.start(monitor.Config{})
+	w.start(cfg)
 
 	card := w.cards[0]
 	start := time.Now()

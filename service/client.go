@@ -339,7 +339,7 @@ func managerStateName(v uint32) string {
 }
 
 func readerStateName(v uint32) string {
-	return enumName([]string{"unknown", "empty", "present", "mute", "unavailable"}, v)
+	return enumName([]string{"unknown", "empty", "present", "mute", "unavailable", "exclusive"}, v)
 }
 
 func moduleStateName(v uint32) string {
@@ -347,7 +347,7 @@ func moduleStateName(v uint32) string {
 }
 
 func waitModeName(v uint32) string {
-	return enumName([]string{"unknown", "blocking", "polling"}, v)
+	return enumName([]string{"unknown", "blocking", "polling", "pcsc"}, v)
 }
 
 // sessionStateName names CKS_* values (0 is a real value here).

@@ -49,6 +49,7 @@ type moduleInfo struct {
 	WaitModeCode   uint32 `json:"wait_mode_code"`
 	State          string `json:"state"`
 	StateCode      uint32 `json:"state_code"`
+	Released       bool   `json:"released"` // finalized while idle (idle release)
 }
 
 type readerInfo struct {
@@ -163,6 +164,7 @@ func moduleFrom(path godbus.ObjectPath, p map[string]godbus.Variant) moduleInfo 
 		WaitMode:       waitModeName(propUint32(p, "WaitMode")),
 		StateCode:      propUint32(p, "State"),
 		State:          moduleStateName(propUint32(p, "State")),
+		Released:       propBool(p, "Released"),
 	}
 }
 
@@ -328,7 +330,11 @@ func writeListText(w io.Writer, l *listing, address string) error {
 	})
 	section("Modules", len(l.Modules), "NAME\tSTATE\tWAIT\tVERSION\tLIBRARY", func(tw *tabwriter.Writer) {
 		for _, m := range l.Modules {
-			fmt.Fprintf(tw, "  %s\t%s\t%s\t%s\t%s\n", m.Name, m.State, m.WaitMode, orDash(m.LibraryVersion), m.Library)
+			state := m.State
+			if m.Released {
+				state += " (released)"
+			}
+			fmt.Fprintf(tw, "  %s\t%s\t%s\t%s\t%s\n", m.Name, state, m.WaitMode, orDash(m.LibraryVersion), m.Library)
 		}
 	})
 	if n := len(l.Sessions); n > 0 {

@@ -90,6 +90,7 @@ func (e monitorEvent) fields() map[string]any {
 	case e.Module != nil:
 		m := e.Module
 		f["module"], f["path"], f["library"], f["state"], f["state_code"], f["wait_mode"] = m.Name, m.Path, m.Library, m.State, m.StateCode, m.WaitMode
+		f["released"] = m.Released
 	case e.Session != nil:
 		s := e.Session
 		f["session"], f["token"], f["generation"], f["label"] = s.Path, s.Token, s.Generation, s.TokenLabel
@@ -190,7 +191,11 @@ func slotText(s *slotInfo) string {
 }
 
 func moduleText(m *moduleInfo) string {
-	return fmt.Sprintf("%s  %s  %s  %s", m.Name, m.State, m.WaitMode, orDash(m.Library))
+	state := m.State
+	if m.Released {
+		state += " (released)"
+	}
+	return fmt.Sprintf("%s  %s  %s  %s", m.Name, state, m.WaitMode, orDash(m.Library))
 }
 
 func sessionText(s *sessionInfo) string {
@@ -382,7 +387,7 @@ func (w *watcher) handle(sig *godbus.Signal, now time.Time) []monitorEvent {
 		case dbusapi.ReaderInterface:
 			interesting = []string{"State", "EventCount"}
 		case dbusapi.ModuleInterface:
-			interesting = []string{"State", "WaitMode"}
+			interesting = []string{"State", "WaitMode", "Released"}
 		case dbusapi.TokenInterface:
 			interesting = []string{"Flags"}
 		case dbusapi.SessionInterface:

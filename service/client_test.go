@@ -100,7 +100,7 @@ func TestClientListingJSONKeys(t *testing.T) {
 	}{
 		{"document", doc, "manager modules readers sessions slots tokens"},
 		{"manager", doc["manager"], "instance_id last_generation login_token_present state state_code state_reason version"},
-		{"module", first("modules"), "description library library_version manufacturer name path state state_code wait_mode wait_mode_code"},
+		{"module", first("modules"), "description library library_version manufacturer name path released state state_code wait_mode wait_mode_code"},
 		{"reader", first("readers"), "atr event_count name path state state_code"},
 		{"slot", first("slots"), "description module path reader removable slot_id token"},
 		{"token", first("tokens"), "flags generation label manufacturer model module path reader serial slot slot_id used_for_login"},
@@ -623,7 +623,7 @@ func TestClientMonitorEventKeys(t *testing.T) {
 		{monitorEvent{Event: evTokenChanged, Token: &l.Tokens[0]}, common + "flags generation label module reader serial slot slot_id token"},
 		{monitorEvent{Event: evReaderChanged, Reader: &l.Readers[0]}, common + "atr event_count path reader state state_code"},
 		{monitorEvent{Event: evSlotAdded, Slot: &l.Slots[0]}, common + "description module reader slot slot_id"},
-		{monitorEvent{Event: evModuleChanged, Module: &l.Modules[0]}, common + "library module path state state_code wait_mode"},
+		{monitorEvent{Event: evModuleChanged, Module: &l.Modules[0]}, common + "library module path released state state_code wait_mode"},
 		{monitorEvent{Event: evSessionOpened, Session: &l.Sessions[0]}, common + "command generation label owner owner_pid read_write session state state_code token"},
 		{monitorEvent{Event: evManagerState, Manager: &l.Manager}, common + "state state_code state_reason"},
 		{monitorEvent{Event: evDaemonLeft, Owner: ":1.2"}, common + "owner"},

@@ -77,7 +77,7 @@ func watchModule(m *monitor.ModuleView) moduleInfo {
 		Path: string(dbusapi.ModulePath(m.Name)), Name: m.Name, Library: m.Path, Description: m.Description,
 		Manufacturer: m.Manufacturer, LibraryVersion: m.LibraryVersion,
 		WaitMode: waitModeName(uint32(m.WaitMode)), WaitModeCode: uint32(m.WaitMode),
-		State: moduleStateName(uint32(m.State)), StateCode: uint32(m.State),
+		State: moduleStateName(uint32(m.State)), StateCode: uint32(m.State), Released: m.Released,
 	}
 }
 

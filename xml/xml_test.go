@@ -54,6 +54,7 @@ var contract = []struct {
 			"LibraryVersion s true",
 			"WaitMode u true",
 			"State u true",
+			"Released b true",
 		},
 	},
 	{
