@@ -258,7 +258,7 @@ func TestRapidReplug(t *testing.T) {
 // TestRapidReplugReleased: the same with a released module between any two
 // events (grace 0): every insertion is read by a fresh C_Initialize.
 func TestRapidReplugReleased(t *testing.T) {
-	cycles := 30
+	cycles := 10
 	if n, err := strconv.Atoi(os.Getenv("SLOTWATCH_TEST_CYCLES")); err == nil {
 		cycles = n
 	}
