@@ -3,7 +3,8 @@
 //
 // It owns the event sources (one blocking C_WaitForSlotEvent waiter per
 // module on its own OS thread, a polling timer for modules that cannot wait,
-// one SCardGetStatusChange watcher including the PnP pseudo reader) and the
+// one SCardGetStatusChange watcher including the PnP pseudo reader, which is
+// the only source of modules whose slots stand for readers) and the
 // single goroutine that owns the state. Sources only wake that goroutine; on
 // every wake-up it re-reads the slots, tokens and reader states and diffs
 // them against the current snapshot (events are wake-ups, not facts), so a
@@ -18,6 +19,11 @@
 //   - generation leases: an operation holds its token's generation, and a
 //     removed token's sessions are reclaimed only when the last holder
 //     returned.
+//
+// Modules whose slots stand for PC/SC readers (OpenSC) hold the cards they
+// see; the monitor finalizes them while idle and initializes them again on
+// demand (IdleRelease), so that other programs can have a card
+// exclusively, and keeps the view meanwhile.
 //
 // Failures are states, not log lines: pcscd going away, or a module that
 // keeps failing, makes the monitor Degraded; it recovers by itself with a
@@ -34,8 +40,11 @@
 //     retries), and its timer;
 //   - modules.go: modules' initialization, failure, recovery and
 //     replacement;
-//   - read_pcsc.go, read_slots.go: reading PC/SC and the modules, and the
-//     identity of a token (same insertion or a new generation);
+//   - release.go: the idle release of modules whose slots stand for
+//     readers, and when PC/SC is read without an event (exclusive use);
+//   - read_pcsc.go, read_slots.go: reading PC/SC and the modules (all
+//     slots, or only those of changed readers), and the identity of a
+//     token (same insertion or a new generation);
 //   - diff.go: the pure diff of two snapshots into ordered events;
 //   - publish.go: commit — the snapshot, the diff's side effects on
 //     generations (leases.go: holds and deferred reclamation), publishing;

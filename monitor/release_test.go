@@ -170,6 +170,21 @@ func waitReaderEvents(t *testing.T, w *world, n uint16) {
 	}
 }
 
+// waitReaderState reads events until reader 0 is in state want, failing on
+// any token event on the way (when is what is going on, for messages).
+func (w *world) waitReaderState(want monitor.ReaderState, when string) {
+	w.t.Helper()
+	for {
+		ev := w.next(eventTimeout, monitor.ReaderChanged, monitor.TokenRemoved, monitor.TokenInserted)
+		if ev.Kind != monitor.ReaderChanged {
+			w.t.Fatalf("%v %s", ev, when)
+		}
+		if ev.Reader.Name == w.pcscd.Readers()[0] && ev.Reader.State == want {
+			return
+		}
+	}
+}
+
 // holdExclusive connects to reader 0's card exclusively, as scdaemon does.
 func holdExclusive(t *testing.T, w *world) (let func()) {
 	t.Helper()
@@ -210,15 +225,7 @@ func TestExclusiveUserWhileReleased(t *testing.T) {
 	if d := time.Since(start); d > time.Second {
 		t.Errorf("acquire took %v to say the card is in use", d)
 	}
-	for {
-		ev := w.next(eventTimeout, monitor.ReaderChanged, monitor.TokenRemoved, monitor.TokenInserted)
-		if ev.Kind != monitor.ReaderChanged {
-			t.Fatalf("%v while another process holds the card", ev)
-		}
-		if ev.Reader.Name == w.pcscd.Readers()[0] && ev.Reader.State == monitor.ReaderExclusive {
-			break
-		}
-	}
+	w.waitReaderState(monitor.ReaderExclusive, "while another process holds the card")
 	// Known now: the next call is refused at once.
 	start = time.Now()
 	if _, err := w.mon.Acquire(context.Background(), tok.Generation); !errors.Is(err, monitor.ErrCardInUse) {
@@ -228,15 +235,7 @@ func TestExclusiveUserWhileReleased(t *testing.T) {
 		t.Errorf("second acquire took %v to say the card is in use", d)
 	}
 	let()
-	for {
-		ev := w.next(eventTimeout, monitor.ReaderChanged, monitor.TokenRemoved, monitor.TokenInserted)
-		if ev.Kind != monitor.ReaderChanged {
-			t.Fatalf("%v after the other process let go", ev)
-		}
-		if ev.Reader.Name == w.pcscd.Readers()[0] && ev.Reader.State == monitor.ReaderPresent {
-			break
-		}
-	}
+	w.waitReaderState(monitor.ReaderPresent, "after the other process let go")
 	release, err := w.mon.Acquire(context.Background(), tok.Generation)
 	if err != nil {
 		t.Fatalf("acquire once the reader is free: %v", err)

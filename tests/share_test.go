@@ -654,12 +654,22 @@ func TestExclusiveUserWhileIdle(t *testing.T) {
 		s.conn.Object(busName, sess).Call(sesIface+".Close", 0)
 	}
 
+	s.letGoAndUse(release, tok, gen, afterInsert, last, "card held by another process")
+}
+
+// letGoAndUse ends another process's hold on the card, waits for the
+// Reader to show it free, has a session on the token (so the module is
+// initialized again) and waits until it is released again; the token must
+// be the same and never announced again since signal mark from and
+// LastGeneration last.
+func (s *shareStack) letGoAndUse(release func(), tok godbus.ObjectPath, gen uint64, from int, last uint64, what string) {
+	s.t.Helper()
 	release()
-	s.waitReaderState(readerStatePresent, 5*time.Second, "the other process let go of the card")
-	closed := s.sessionCycle(tok, "OpenSession on the same token after the other process let go")
-	s.waitReleasedSince(closed, "the last session's Close was sent", 5*time.Millisecond, "session closed")
-	s.checkToken(tok, gen, shareCardProfile, "after the other process let go")
-	s.noReannouncement(afterInsert, last, "card held by another process and let go")
+	s.waitReaderState(readerStatePresent, 5*time.Second, what+": let go")
+	closed := s.sessionCycle(tok, what+": OpenSession after the other process let go")
+	s.waitReleasedSince(closed, "the last session's Close was sent", 5*time.Millisecond, what+": session closed")
+	s.checkToken(tok, gen, shareCardProfile, what+": held and let go")
+	s.noReannouncement(from, last, what+": held by another process and let go")
 }
 
 // TestReplugWhileReleased: with the module released, a card pulled and
@@ -743,14 +753,9 @@ func TestReplugWhileReleased(t *testing.T) {
 		t.Errorf("untouched card held by another process: OpenSession answered %v, want %s", err, errBusy)
 	}
 	s.waitReaderState(readerStateExclusive, 5*time.Second, "untouched card: held by another process")
-	release()
-	s.waitReaderState(readerStatePresent, 5*time.Second, "untouched card: let go")
 	// Initialize the module again (on demand), and let it be released
 	// again: whatever it reads then is on the bus by now.
-	closed := s.sessionCycle(tok, "untouched card: OpenSession after the other process let go")
-	s.waitReleasedSince(closed, "the last session's Close was sent", 5*time.Millisecond, "untouched card: session closed")
-	s.checkToken(tok, gen, shareCardProfile, "untouched card held and let go")
-	s.noReannouncement(from, last, "untouched card held by another process and let go")
+	s.letGoAndUse(release, tok, gen, from, last, "untouched card")
 }
 
 // TestReleaseCyclesStayFlat: N release cycles (SLOTWATCH_STRESS_RELEASE_CYCLES,
