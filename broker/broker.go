@@ -1,6 +1,8 @@
 package broker
 
 import (
+	"github.com/miekg/pkcs11"
+
 	"context"
 	"errors"
 	"log/slog"
@@ -116,6 +118,9 @@ type tokenState struct {
 	login        string // ID of the caller logged in, "" if none
 	initializing bool   // an InitToken runs: a second one is Busy at once
 	dead         bool   // TokenGone ran
+	// objects are, per caller ID, the object handles that caller was given
+	// on this token (PKCS#11 face: FindObjectHandles, SessionCall).
+	objects map[string]map[pkcs11.ObjectHandle]bool
 }
 
 // New returns a broker over the monitor's generations and the daemon's
@@ -178,6 +183,9 @@ func (b *Broker) Leave(id string) {
 	b.mu.Lock()
 	cs, ok := b.callers[id]
 	delete(b.callers, id)
+	for _, ts := range b.tokens {
+		delete(ts.objects, id)
+	}
 	b.mu.Unlock()
 	if !ok {
 		return

@@ -40,6 +40,9 @@ var (
 	ErrNoSuchSession = errors.New("no such session")
 	// ErrCallerGone: the caller left (Leave) before the call completed.
 	ErrCallerGone = errors.New("caller left")
+	// ErrNoSuchObject: an object handle the caller was not given on this
+	// token (by a search or by a call that made the object).
+	ErrNoSuchObject = errors.New("no such object")
 )
 
 // Error is a broker error with a message for people; errors.Is matches its

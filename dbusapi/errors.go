@@ -54,6 +54,7 @@ var errorMap = []struct {
 	{broker.ErrAlreadyLoggedIn, ErrAlreadyLoggedIn},
 	{broker.ErrNotSupported, ErrNotSupported},
 	{broker.ErrNoSuchSession, ErrUnknownObject},
+	{broker.ErrNoSuchObject, ErrUnknownObject},
 	{monitor.ErrTokenRemoved, ErrTokenRemoved},
 	{monitor.ErrCardInUse, ErrBusy},
 	{module.ErrStaleGeneration, ErrTokenRemoved},

@@ -180,3 +180,33 @@ func (m *Module) Sign(id uint64, mech *pkcs11.Mechanism, key pkcs11.ObjectHandle
 	}
 	return sig, nil
 }
+
+// Call runs one PKCS#11 function on session id's handle: call gets the
+// module's context and the session's handle and makes exactly one C call.
+// It is how the PKCS#11 face passes through the functions slotwatch has no
+// rule of its own for (encryption, digests, key generation...), under the
+// same rules as every operation here: the session's lock, enter right
+// before the call, the result logged (fn and the session, nothing of the
+// arguments: they may be secrets).
+func (m *Module) Call(id uint64, fn string, call func(ctx *pkcs11.Ctx, h pkcs11.SessionHandle) error) error {
+	return m.withSession(fn, id, func(s *session) error {
+		if err := m.enter(fn, s); err != nil {
+			return err
+		}
+		start := time.Now()
+		return m.result(fn, start, call(m.ctx, s.Handle), sessionAttrs(s))
+	})
+}
+
+// SlotCall runs one PKCS#11 function on slot that needs no session
+// (C_GetMechanismList, C_GetMechanismInfo), with the module held
+// initialized for the call.
+func (m *Module) SlotCall(slot uint, fn string, call func(ctx *pkcs11.Ctx) error) error {
+	m.life.RLock()
+	defer m.life.RUnlock()
+	if m.ctx == nil {
+		return notInitialized(fn)
+	}
+	start := time.Now()
+	return m.result(fn, start, call(m.ctx), slog.Uint64("slot", uint64(slot)))
+}
