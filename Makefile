@@ -7,8 +7,8 @@ BIN     := bin/slotwatch
 
 # What the build and the real-stack tests need on Debian 12.
 DEBS := pcscd libpcsclite-dev vsmartcard-vpcd vsmartcard-vpicc python3-virtualsmartcard \
-        opensc-pkcs11 opensc softhsm2 p11-kit dbus gcc libc6-dev pkg-config \
-        systemd libxml2-utils libglib2.0-bin gnupg scdaemon
+        opensc-pkcs11 opensc softhsm2 p11-kit p11-kit-modules dbus gcc libc6-dev pkg-config \
+        systemd libxml2-utils libglib2.0-bin openssh-client gnutls-bin gnupg scdaemon
 
 .PHONY: all deps build test demo bench stress fuzz clean install install-gnome uninstall-gnome
 
@@ -100,6 +100,10 @@ install: build
 	$(INSTALL) -m 0644 packaging/io.github.slotwatch.Slotwatch1.service \
 		"$(DESTDIR)$(DATADIR)/dbus-1/services/io.github.slotwatch.Slotwatch1.service"
 	$(if $(INTERFACE_XML),$(INSTALL) -m 0644 $(INTERFACE_XML) "$(DESTDIR)$(DATADIR)/dbus-1/interfaces/")
+	@# The PKCS#11 face's p11-kit module file, disabled: see its comments.
+	$(INSTALL) -d "$(DESTDIR)$(DATADIR)/slotwatch/pkcs11"
+	$(INSTALL) -m 0644 packaging/pkcs11/slotwatch.module packaging/pkcs11/60-slotwatch-pkcs11.conf \
+		"$(DESTDIR)$(DATADIR)/slotwatch/pkcs11/"
 	@# The config may hold the administrator's edits: never overwrite it.
 	@conf="$(DESTDIR)$(SYSCONFDIR)/slotwatch/slotwatch.conf"; \
 	if [ -e "$$conf" ]; then \

@@ -20,6 +20,7 @@ import (
 	"github.com/slotwatch/slotwatch/dbusapi"
 	"github.com/slotwatch/slotwatch/internal/logind"
 	"github.com/slotwatch/slotwatch/monitor"
+	"github.com/slotwatch/slotwatch/pkcs11face"
 	"github.com/slotwatch/slotwatch/policy"
 )
 
@@ -42,6 +43,7 @@ func runServe(args []string) error {
 	logLevel := fs.String("log-level", "info", "debug, info, warn or error")
 	noPCSC := fs.Bool("no-pcsc", false, "do not watch PC/SC readers")
 	isolateFlag := fs.Bool("isolate", false, "run the --module modules in helper processes (p11-kit remote), as isolate = true does in the config")
+	pkcs11Socket := fs.String("pkcs11-socket", pkcs11face.DefaultSocket(), "serve the PKCS#11 face (p11-kit's RPC protocol, for p11-kit-client.so) on this unix socket; empty: off")
 	if err := fs.Parse(args); err != nil {
 		return err
 	}
@@ -132,6 +134,9 @@ func runServe(args []string) error {
 			mon.Rescan()
 		},
 	})
+	// The PKCS#11 face, before READY=1: a client started after it finds
+	// the socket.
+	p11 := startPKCS11Face(*pkcs11Socket, flagGiven(fs, "pkcs11-socket"), br, mon, logger)
 	daemon.SdNotify(false, daemon.SdNotifyReady)
 	logger.Info("serving", "name", dbusapi.BusName, "state", mon.Snapshot().State.String())
 
@@ -154,6 +159,7 @@ func runServe(args []string) error {
 	go func() {
 		sleepWatch.Close()
 		pol.Load().Close()
+		p11.stop()
 		svc.Close()
 		mon.Close()
 		close(done)

@@ -61,6 +61,15 @@ func startDaemon(t *testing.T, bus *stack.DBus, env []string, args ...string) *d
 		sock, ready = listenNotify(t)
 		env = append(slices.Clip(env), "NOTIFY_SOCKET="+sock)
 	}
+	if !slices.ContainsFunc(env, func(kv string) bool { return strings.HasPrefix(kv, "XDG_RUNTIME_DIR=") }) {
+		// Its own runtime directory, so its PKCS#11 socket
+		// (XDG_RUNTIME_DIR/slotwatch/pkcs11) is the test's alone.
+		rt, err := os.MkdirTemp(testDir, "rt-")
+		if err != nil {
+			t.Fatal(err)
+		}
+		env = append(slices.Clip(env), "XDG_RUNTIME_DIR="+rt)
+	}
 	if !slices.ContainsFunc(env, func(kv string) bool { return strings.HasPrefix(kv, "DBUS_SYSTEM_BUS_ADDRESS=") }) {
 		// Never the machine's system bus (and its logind): a test that
 		// wants suspend and resume gives a private one.

@@ -32,6 +32,14 @@ func TestMain(m *testing.M) {
 		os.Exit(1)
 	}
 	os.Setenv(stack.OpenSCConfEnv, conf)
+	// Never the user's runtime directory: a daemon's default PKCS#11
+	// socket goes there (startDaemon gives each daemon one of its own).
+	rt := filepath.Join(dir, "rt")
+	if err := os.Mkdir(rt, 0o700); err != nil {
+		fmt.Fprintln(os.Stderr, err)
+		os.Exit(1)
+	}
+	os.Setenv("XDG_RUNTIME_DIR", rt)
 	code := m.Run()
 	os.RemoveAll(dir)
 	os.Exit(code)

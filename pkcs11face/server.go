@@ -1,0 +1,124 @@
+package pkcs11face
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"os"
+	"strings"
+	"sync"
+
+	"github.com/miekg/pkcs11"
+
+	"github.com/slotwatch/slotwatch/broker"
+	"github.com/slotwatch/slotwatch/monitor"
+)
+
+// Options configures a Server.
+type Options struct {
+	Logger  *slog.Logger
+	Version string // slotwatch's version, for C_GetInfo
+}
+
+// Server serves the PKCS#11 face on a listener: each connection is a
+// broker caller, like a D-Bus connection.
+type Server struct {
+	b     *broker.Broker
+	mon   *monitor.Monitor
+	log   *slog.Logger
+	ver   string
+	slots *slotTable
+
+	mu     sync.Mutex // guards conns, nextID
+	conns  map[*conn]struct{}
+	nextID uint64 // connections so far
+
+	wg sync.WaitGroup
+}
+
+// New returns a server over the broker and the monitor's view.
+func New(b *broker.Broker, mon *monitor.Monitor, opts Options) *Server {
+	if opts.Logger == nil {
+		opts.Logger = slog.New(slog.DiscardHandler)
+	}
+	return &Server{b: b, mon: mon, log: opts.Logger, ver: opts.Version, slots: newSlotTable(),
+		conns: map[*conn]struct{}{}}
+}
+
+// Serve accepts connections until ctx ends or l fails, then closes l and
+// every connection (their callers leave the broker: their sessions close)
+// and returns once they are gone.
+func (s *Server) Serve(ctx context.Context, l *net.UnixListener) error {
+	ctx, cancel := context.WithCancel(ctx)
+	defer func() {
+		cancel()
+		s.wg.Wait()
+	}()
+	go func() {
+		<-ctx.Done()
+		l.Close()
+	}()
+	for {
+		c, err := l.AcceptUnix()
+		if err != nil {
+			if ctx.Err() != nil || errors.Is(err, net.ErrClosed) {
+				return nil
+			}
+			return fmt.Errorf("pkcs11 socket: %w", err)
+		}
+		s.wg.Add(1)
+		go func() {
+			defer s.wg.Done()
+			s.serveConn(ctx, c)
+		}()
+	}
+}
+
+// serveConn checks who connected, makes it a caller, and serves it.
+func (s *Server) serveConn(ctx context.Context, uc *net.UnixConn) {
+	defer uc.Close()
+	uid, pid, err := peerCred(uc)
+	if err != nil {
+		s.log.Warn("pkcs11 socket: cannot tell who connected; closing", "err", err)
+		return
+	}
+	if int(uid) != os.Getuid() {
+		// The socket is 0600 in a 0700 directory; a connection from
+		// another user means those were changed (or root): refuse.
+		s.log.Warn("pkcs11 socket: connection from another user refused", "uid", uid, "pid", pid)
+		return
+	}
+	caller := broker.ProcessCaller(s.callerID(pid), uid, pid)
+	s.b.Join(caller)
+	defer s.b.Leave(caller.ID)
+	ctx, cancel := context.WithCancel(ctx)
+	defer cancel()
+	c := &conn{srv: s, caller: caller, events: watchSlots(ctx, s.mon, s.slots), finds: map[pkcs11.SessionHandle]*findState{}}
+	s.mu.Lock()
+	s.conns[c] = struct{}{}
+	s.mu.Unlock()
+	defer func() {
+		s.mu.Lock()
+		delete(s.conns, c)
+		s.mu.Unlock()
+	}()
+	s.log.Info("pkcs11 client connected", "caller", caller.String())
+	err = c.serve(ctx, uc)
+	s.log.Info("pkcs11 client left", "caller", caller.ID, "err", err)
+}
+
+// callerID names a connection for people and for the broker:
+// "pkcs11:pid 1234 (ssh-agent) #7", #7 being the connection's number,
+// which keeps the name unique for the daemon's life (pids are recycled).
+func (s *Server) callerID(pid uint32) string {
+	comm := "?"
+	if b, err := os.ReadFile(fmt.Sprintf("/proc/%d/comm", pid)); err == nil {
+		comm = strings.TrimSpace(string(b))
+	}
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	s.nextID++
+	return fmt.Sprintf("pkcs11:pid %d (%s) #%d", pid, comm, s.nextID)
+}

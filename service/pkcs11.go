@@ -1,0 +1,71 @@
+package main
+
+import (
+	"context"
+	"flag"
+	"log/slog"
+
+	"github.com/slotwatch/slotwatch/broker"
+	"github.com/slotwatch/slotwatch/monitor"
+	"github.com/slotwatch/slotwatch/pkcs11face"
+)
+
+// pkcs11Face is the running PKCS#11 face, or nothing (stop is then a
+// no-op).
+type pkcs11Face struct {
+	cancel context.CancelFunc
+	done   chan struct{}
+}
+
+// startPKCS11Face serves the PKCS#11 face on path ("" : off). A socket that
+// cannot be made at the default path is a warning (the D-Bus face still
+// serves); at a path given with --pkcs11-socket, it is an error in the log
+// too, and the face is off.
+func startPKCS11Face(path string, given bool, br *broker.Broker, mon *monitor.Monitor, logger *slog.Logger) *pkcs11Face {
+	f := &pkcs11Face{}
+	if path == "" {
+		logger.Info("PKCS#11 face off (no --pkcs11-socket, no XDG_RUNTIME_DIR)")
+		return f
+	}
+	l, err := pkcs11face.Listen(path)
+	if err != nil {
+		level := slog.LevelWarn
+		if given {
+			level = slog.LevelError
+		}
+		logger.Log(context.Background(), level, "PKCS#11 face off", "err", err)
+		return f
+	}
+	srv := pkcs11face.New(br, mon, pkcs11face.Options{Logger: logger, Version: version})
+	ctx, cancel := context.WithCancel(context.Background())
+	f.cancel, f.done = cancel, make(chan struct{})
+	go func() {
+		defer close(f.done)
+		if err := srv.Serve(ctx, l); err != nil {
+			logger.Error("PKCS#11 face stopped", "err", err)
+		}
+	}()
+	logger.Info("PKCS#11 face", "socket", path)
+	return f
+}
+
+// stop closes the socket and every client connection (their sessions
+// close) and waits until they are gone.
+func (f *pkcs11Face) stop() {
+	if f.cancel == nil {
+		return
+	}
+	f.cancel()
+	<-f.done
+}
+
+// flagGiven tells whether flag name was set on the command line.
+func flagGiven(fs *flag.FlagSet, name string) bool {
+	given := false
+	fs.Visit(func(f *flag.Flag) {
+		if f.Name == name {
+			given = true
+		}
+	})
+	return given
+}

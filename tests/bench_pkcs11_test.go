@@ -1,0 +1,215 @@
+package tests
+
+import (
+	"bufio"
+	"crypto/sha256"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"slices"
+	"strings"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/miekg/pkcs11"
+
+	"github.com/slotwatch/slotwatch/tests/stack"
+)
+
+// BenchmarkPKCS11Face: the PKCS#11 face against p11-kit's own server on
+// the same SoftHSM2 token, and against loading SoftHSM2 directly, in one
+// run: a new client's first session (C_Initialize, which connects, then
+// C_GetSlotList and C_OpenSession, then C_Finalize), round trips
+// (C_GetSlotList + C_GetTokenInfo) and signatures (C_SignInit + C_Sign,
+// ECDSA P-256, logged in) per second. Ratios are medians over the rounds.
+func BenchmarkPKCS11Face(b *testing.B) {
+	hsm, err := stack.NewSoftHSM(b.TempDir())
+	if err != nil {
+		b.Fatal(err)
+	}
+	if err := hsm.InitToken(hsmLabel, hsmSO, hsmPIN); err != nil {
+		b.Fatal(err)
+	}
+	if err := hsm.GenerateECKey(hsmLabel, hsmPIN, "01", "signing key"); err != nil {
+		b.Fatal(err)
+	}
+	for _, kv := range hsm.Env() {
+		k, v, _ := strings.Cut(kv, "=")
+		b.Setenv(k, v) // direct loading, in this process
+	}
+	bus, err := stack.StartDBus(b.TempDir(), "")
+	if err != nil {
+		b.Fatal(err)
+	}
+	b.Cleanup(func() { bus.Stop() })
+	dir, err := os.MkdirTemp(testDir, "p11b-")
+	if err != nil {
+		b.Fatal(err)
+	}
+	ours := filepath.Join(dir, "slotwatch")
+	benchDaemon(b, bus, hsm.Env(), "--module", stack.SoftHSMModule, "--no-pcsc", "--pkcs11-socket", ours)
+	theirs := p11KitServer(b, hsm.Env(), filepath.Join(dir, "p11-kit"))
+
+	// Each client: a p11-kit-client.so instance pointed at a socket (the
+	// client reads the address when it is loaded), or SoftHSM2 itself.
+	load := func(socket string) *pkcs11.Ctx {
+		path := stack.SoftHSMModule
+		if socket != "" {
+			os.Setenv("P11_KIT_SERVER_ADDRESS", "unix:path="+socket)
+			path = stack.P11KitClientModule
+		}
+		p := pkcs11.New(path)
+		if p == nil {
+			b.Fatalf("cannot load %s", path)
+		}
+		return p
+	}
+	b.Cleanup(func() { os.Unsetenv("P11_KIT_SERVER_ADDRESS") })
+
+	firstSession := func(socket string) time.Duration {
+		p := load(socket)
+		defer p.Destroy()
+		start := time.Now()
+		if err := p.Initialize(); err != nil {
+			b.Fatal(err)
+		}
+		slot := tokenSlot(b, p)
+		h, err := p.OpenSession(slot, pkcs11.CKF_SERIAL_SESSION)
+		if err != nil {
+			b.Fatal(err)
+		}
+		took := time.Since(start)
+		p.CloseSession(h)
+		p.Finalize()
+		return took
+	}
+	type client struct {
+		p    *pkcs11.Ctx
+		slot uint
+		h    pkcs11.SessionHandle
+		key  pkcs11.ObjectHandle
+	}
+	open := func(socket string) *client {
+		p := load(socket)
+		if err := p.Initialize(); err != nil {
+			b.Fatal(err)
+		}
+		c := &client{p: p, slot: tokenSlot(b, p)}
+		if c.h, err = p.OpenSession(c.slot, pkcs11.CKF_SERIAL_SESSION); err != nil {
+			b.Fatal(err)
+		}
+		if err := p.Login(c.h, pkcs11.CKU_USER, hsmPIN); err != nil {
+			b.Fatal(err)
+		}
+		if err := p.FindObjectsInit(c.h, []*pkcs11.Attribute{pkcs11.NewAttribute(pkcs11.CKA_CLASS, pkcs11.CKO_PRIVATE_KEY)}); err != nil {
+			b.Fatal(err)
+		}
+		keys, _, err := p.FindObjects(c.h, 1)
+		p.FindObjectsFinal(c.h)
+		if err != nil || len(keys) != 1 {
+			b.Fatalf("private key: %v %v", keys, err)
+		}
+		c.key = keys[0]
+		b.Cleanup(func() { p.Logout(c.h); p.CloseSession(c.h); p.Finalize(); p.Destroy() })
+		return c
+	}
+	clients := map[string]*client{"slotwatch": open(ours), "p11-kit": open(theirs), "direct": open("")}
+	digest := sha256.Sum256([]byte("bench"))
+	const calls = 500
+	rate := func(f func() error) float64 {
+		start := time.Now()
+		for range calls {
+			if err := f(); err != nil {
+				b.Fatal(err)
+			}
+		}
+		return calls / time.Since(start).Seconds()
+	}
+	roundTrip := func(c *client) func() error {
+		return func() error {
+			if _, err := c.p.GetSlotList(true); err != nil {
+				return err
+			}
+			_, err := c.p.GetTokenInfo(c.slot)
+			return err
+		}
+	}
+	sign := func(c *client) func() error {
+		return func() error {
+			if err := c.p.SignInit(c.h, []*pkcs11.Mechanism{pkcs11.NewMechanism(pkcs11.CKM_ECDSA, nil)}, c.key); err != nil {
+				return err
+			}
+			_, err := c.p.Sign(c.h, digest[:])
+			return err
+		}
+	}
+
+	b.ResetTimer()
+	var firstOurs, firstTheirs, firstRatio, rtRatio, rtDirect, signRatio, signDirect, rtOurs, signOurs []float64
+	for range b.N {
+		o, t := firstSession(ours), firstSession(theirs)
+		firstOurs, firstTheirs = append(firstOurs, o.Seconds()*1000), append(firstTheirs, t.Seconds()*1000)
+		firstRatio = append(firstRatio, o.Seconds()/t.Seconds())
+		rtO, rtT, rtD := rate(roundTrip(clients["slotwatch"])), rate(roundTrip(clients["p11-kit"])), rate(roundTrip(clients["direct"]))
+		rtOurs, rtRatio, rtDirect = append(rtOurs, rtO), append(rtRatio, rtO/rtT), append(rtDirect, rtO/rtD)
+		sO, sT, sD := rate(sign(clients["slotwatch"])), rate(sign(clients["p11-kit"])), rate(sign(clients["direct"]))
+		signOurs, signRatio, signDirect = append(signOurs, sO), append(signRatio, sO/sT), append(signDirect, sO/sD)
+	}
+	b.StopTimer()
+	median := func(v []float64) float64 {
+		v = slices.Clone(v)
+		slices.Sort(v)
+		return v[len(v)/2]
+	}
+	b.ReportMetric(median(firstOurs), "first-session-ms")
+	b.ReportMetric(median(firstTheirs), "first-session-p11kit-ms")
+	b.ReportMetric(median(firstRatio), "first-session/p11kit")
+	b.ReportMetric(median(rtOurs), "roundtrips/s")
+	b.ReportMetric(median(rtRatio), "roundtrips/p11kit")
+	b.ReportMetric(median(rtDirect), "roundtrips/direct")
+	b.ReportMetric(median(signOurs), "signs/s")
+	b.ReportMetric(median(signRatio), "signs/p11kit")
+	b.ReportMetric(median(signDirect), "signs/direct")
+}
+
+// tokenSlot is the slot of the benchmark's token.
+func tokenSlot(b *testing.B, p *pkcs11.Ctx) uint {
+	slot, err := slotOfToken(p, hsmLabel)
+	if err != nil {
+		b.Fatal(err)
+	}
+	return slot
+}
+
+// p11KitServer runs `p11-kit server` (foreground) on the token, on socket,
+// and returns the socket once it is there; cleanup stops it by PID.
+func p11KitServer(b *testing.B, env []string, socket string) string {
+	cmd := exec.Command("p11-kit", "server", "-f", "--provider", stack.SoftHSMModule, "-n", socket,
+		"pkcs11:token="+strings.ReplaceAll(hsmLabel, " ", "%20"))
+	cmd.Env = append(os.Environ(), env...)
+	out, err := cmd.StdoutPipe()
+	if err != nil {
+		b.Fatal(err)
+	}
+	cmd.Stderr = os.Stderr
+	if err := cmd.Start(); err != nil {
+		b.Fatal(err)
+	}
+	b.Cleanup(func() { cmd.Process.Signal(syscall.SIGTERM); cmd.Wait() })
+	go func() {
+		r := bufio.NewScanner(out)
+		for r.Scan() {
+		}
+	}()
+	deadline := time.Now().Add(10 * time.Second)
+	for {
+		if st, err := os.Stat(socket); err == nil && st.Mode().Type() == os.ModeSocket {
+			return socket
+		}
+		if time.Now().After(deadline) {
+			b.Fatal("p11-kit server did not make its socket")
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+}

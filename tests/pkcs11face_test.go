@@ -1,0 +1,462 @@
+package tests
+
+import (
+	"bufio"
+	"context"
+	"crypto/ecdsa"
+	"crypto/sha256"
+	"crypto/x509"
+	"fmt"
+	"io"
+	"math/big"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"syscall"
+	"testing"
+	"time"
+
+	godbus "github.com/godbus/dbus/v5"
+	"github.com/miekg/pkcs11"
+
+	"github.com/slotwatch/slotwatch/tests/stack"
+	"github.com/slotwatch/slotwatch/tests/vcard"
+)
+
+// The PKCS#11 face through real clients: pkcs11-tool and programs of our
+// own, loading p11-kit's client module (p11-kit-client.so), which speaks
+// p11-kit's RPC protocol to slotwatch's socket.
+
+// p11Daemon starts a SoftHSM2 store (one token, one EC key) and slotwatch
+// serving it on a PKCS#11 socket of the test's; it returns the bus and the
+// socket.
+func p11Daemon(t *testing.T, extra ...string) (*stack.DBus, string) {
+	t.Helper()
+	hsm, err := stack.NewSoftHSM(t.TempDir())
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := hsm.InitToken(hsmLabel, hsmSO, hsmPIN); err != nil {
+		t.Fatal(err)
+	}
+	if err := hsm.GenerateECKey(hsmLabel, hsmPIN, "01", "signing key"); err != nil {
+		t.Fatal(err)
+	}
+	bus := stack.StartDBusForTest(t, "")
+	sock := p11Socket(t)
+	startDaemon(t, bus, hsm.Env(), append([]string{"--module", stack.SoftHSMModule, "--no-pcsc", "--pkcs11-socket", sock}, extra...)...)
+	return bus, sock
+}
+
+// p11Socket is a socket path of the test's, short enough for sun_path.
+func p11Socket(t *testing.T) string {
+	dir, err := os.MkdirTemp(testDir, "p11-")
+	if err != nil {
+		t.Fatal(err)
+	}
+	return filepath.Join(dir, "pkcs11")
+}
+
+// pkcs11Tool runs pkcs11-tool through p11-kit-client.so against sock.
+func pkcs11Tool(t *testing.T, sock string, args ...string) (string, error) {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	cmd := exec.CommandContext(ctx, "pkcs11-tool", append([]string{"--module", stack.P11KitClientModule}, args...)...)
+	cmd.Env = append(os.Environ(), stack.P11KitServerEnv(sock))
+	out, err := cmd.CombinedOutput()
+	if ctx.Err() != nil {
+		t.Fatalf("pkcs11-tool %v: %v\n%s", args, ctx.Err(), out)
+	}
+	return string(out), err
+}
+
+func TestPKCS11ToolThroughSlotwatch(t *testing.T) {
+	_, sock := p11Daemon(t)
+
+	out, err := pkcs11Tool(t, sock, "-I")
+	if err != nil || !strings.Contains(out, "slotwatch") {
+		t.Fatalf("pkcs11-tool -I: %v\n%s", err, out)
+	}
+	out, err = pkcs11Tool(t, sock, "-L")
+	if err != nil || !strings.Contains(out, hsmLabel) {
+		t.Fatalf("pkcs11-tool -L: %v\n%s", err, out)
+	}
+	// SoftHSM2 also shows an empty, uninitialized token: name ours.
+	tok := []string{"--token-label", hsmLabel}
+	out, err = pkcs11Tool(t, sock, append(tok, "-O", "--login", "--pin", hsmPIN)...)
+	if err != nil || !strings.Contains(out, "Private Key Object; EC") || !strings.Contains(out, "signing key") {
+		t.Fatalf("pkcs11-tool -O --login: %v\n%s", err, out)
+	}
+	out, err = pkcs11Tool(t, sock, append(tok, "-O", "--login", "--pin", "000000")...)
+	if err == nil || !strings.Contains(out, "CKR_PIN_INCORRECT") {
+		t.Fatalf("pkcs11-tool -O with a wrong PIN: %v\n%s", err, out)
+	}
+
+	// Sign a digest, and check the signature with the key's public half.
+	dir := t.TempDir()
+	digest := sha256.Sum256([]byte("slotwatch PKCS#11 face"))
+	in, sig, pub := filepath.Join(dir, "in"), filepath.Join(dir, "sig"), filepath.Join(dir, "pub")
+	if err := os.WriteFile(in, digest[:], 0o600); err != nil {
+		t.Fatal(err)
+	}
+	out, err = pkcs11Tool(t, sock, append(tok, "--login", "--pin", hsmPIN, "--sign", "--mechanism", "ECDSA", "--id", "01", "-i", in, "-o", sig)...)
+	if err != nil {
+		t.Fatalf("pkcs11-tool --sign: %v\n%s", err, out)
+	}
+	out, err = pkcs11Tool(t, sock, append(tok, "--read-object", "--type", "pubkey", "--id", "01", "-o", pub)...)
+	if err != nil {
+		t.Fatalf("pkcs11-tool --read-object: %v\n%s", err, out)
+	}
+	verifyECDSA(t, pub, sig, digest[:])
+}
+
+// verifyECDSA checks a raw r||s signature file against a DER public key
+// file.
+func verifyECDSA(t *testing.T, pubFile, sigFile string, digest []byte) {
+	t.Helper()
+	der, err := os.ReadFile(pubFile)
+	if err != nil {
+		t.Fatal(err)
+	}
+	k, err := x509.ParsePKIXPublicKey(der)
+	if err != nil {
+		t.Fatalf("public key: %v", err)
+	}
+	pk, ok := k.(*ecdsa.PublicKey)
+	if !ok {
+		t.Fatalf("public key is a %T", k)
+	}
+	sig, err := os.ReadFile(sigFile)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(sig) != 64 {
+		t.Fatalf("signature of %d bytes, want 64 (r||s on P-256)", len(sig))
+	}
+	r, s := new(big.Int).SetBytes(sig[:32]), new(big.Int).SetBytes(sig[32:])
+	if !ecdsa.Verify(pk, digest, r, s) {
+		t.Fatal("the signature does not verify with the key's public half")
+	}
+}
+
+// TestHelperPKCS11ClientProcess is not a test: it is a PKCS#11 program the
+// tests below start, loading p11-kit-client.so (P11_KIT_SERVER_ADDRESS in
+// its environment). It takes commands on stdin, one per line, and answers
+// each on stdout:
+//
+//	open LABEL   open a session on the token LABEL → "session H"
+//	wait         C_WaitForSlotEvent (blocking) → "event SLOT"
+//	slots        C_GetSlotList(TRUE) → "slots N"
+//
+// Errors are "error CKR..." lines; EOF ends it.
+func TestHelperPKCS11ClientProcess(t *testing.T) {
+	if os.Getenv("SLOTWATCH_HELPER_P11") == "" {
+		t.Skip("only runs as a helper process of the PKCS#11 face tests")
+	}
+	// miekg/pkcs11, not slotwatch's module package: that one calls
+	// C_WaitForSlotEvent through a function list of its own, and
+	// p11-kit-client.so makes a new, uninitialized instance for every
+	// C_GetFunctionList.
+	p := pkcs11.New(stack.P11KitClientModule)
+	if p == nil {
+		fmt.Println("error cannot load", stack.P11KitClientModule)
+		os.Exit(1)
+	}
+	if err := p.Initialize(); err != nil {
+		fmt.Println("error", err)
+		os.Exit(1)
+	}
+	fmt.Println("ready")
+	in := bufio.NewScanner(os.Stdin)
+	for in.Scan() {
+		cmd, arg, _ := strings.Cut(in.Text(), " ")
+		switch cmd {
+		case "open":
+			slot, err := slotOfToken(p, arg)
+			if err != nil {
+				fmt.Println("error", err)
+				continue
+			}
+			h, err := p.OpenSession(slot, pkcs11.CKF_SERIAL_SESSION)
+			if err != nil {
+				fmt.Println("error", err)
+				continue
+			}
+			fmt.Println("session", h)
+		case "wait":
+			// miekg drops the CK_RV: the slot id and the slot list
+			// that follows are what the tests check.
+			ev := <-p.WaitForSlotEvent(0)
+			fmt.Println("event", ev.SlotID)
+		case "slots":
+			slots, err := p.GetSlotList(true)
+			if err != nil {
+				fmt.Println("error", err)
+				continue
+			}
+			fmt.Println("slots", len(slots))
+		}
+	}
+	p.Finalize()
+	os.Exit(0)
+}
+
+// slotOfToken finds the slot of the token labelled label.
+func slotOfToken(p *pkcs11.Ctx, label string) (uint, error) {
+	slots, err := p.GetSlotList(true)
+	if err != nil {
+		return 0, err
+	}
+	for _, s := range slots {
+		if ti, err := p.GetTokenInfo(s); err == nil && ti.Label == label {
+			return s, nil
+		}
+	}
+	return 0, fmt.Errorf("no token %q in %d slots", label, len(slots))
+}
+
+// p11Client is a running TestHelperPKCS11ClientProcess.
+type p11Client struct {
+	cmd   *exec.Cmd
+	stdin io.WriteCloser
+	lines chan string
+}
+
+func startP11Client(t *testing.T, sock string) *p11Client {
+	t.Helper()
+	cmd := exec.Command(os.Args[0], "-test.run=^TestHelperPKCS11ClientProcess$")
+	cmd.Env = append(os.Environ(), "SLOTWATCH_HELPER_P11=1", stack.P11KitServerEnv(sock))
+	stdin, err := cmd.StdinPipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	stdout, err := cmd.StdoutPipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { cmd.Process.Kill(); cmd.Wait() })
+	c := &p11Client{cmd: cmd, stdin: stdin, lines: make(chan string, 16)}
+	go func() {
+		defer close(c.lines)
+		r := bufio.NewScanner(stdout)
+		for r.Scan() {
+			c.lines <- r.Text()
+		}
+	}()
+	if line := c.next(t, 15*time.Second); line != "ready" {
+		t.Fatalf("PKCS#11 client: %q", line)
+	}
+	return c
+}
+
+// do sends a command and returns its answer.
+func (c *p11Client) do(t *testing.T, cmd string) string {
+	t.Helper()
+	fmt.Fprintln(c.stdin, cmd)
+	return c.next(t, 15*time.Second)
+}
+
+// next returns the client's next line, failing after timeout.
+func (c *p11Client) next(t *testing.T, timeout time.Duration) string {
+	t.Helper()
+	select {
+	case l, ok := <-c.lines:
+		if !ok {
+			t.Fatal("PKCS#11 client exited")
+		}
+		return l
+	case <-time.After(timeout):
+		t.Fatalf("PKCS#11 client said nothing within %v", timeout)
+	}
+	return ""
+}
+
+// TestPKCS11InitTokenNamesTheHolder: C_InitToken through the socket while
+// another process holds a session answers CKR_SESSION_EXISTS, and that
+// process is on the bus as the session's owner; when it is killed, its
+// session closes.
+func TestPKCS11InitTokenNamesTheHolder(t *testing.T) {
+	bus, sock := p11Daemon(t)
+	holder := startP11Client(t, sock)
+	if ans := holder.do(t, "open "+hsmLabel); !strings.HasPrefix(ans, "session ") {
+		t.Fatalf("holder's open: %q", ans)
+	}
+	out, err := pkcs11Tool(t, sock, "--token-label", hsmLabel, "--init-token", "--label", "wiped", "--so-pin", hsmSO)
+	if err == nil || !strings.Contains(out, "CKR_SESSION_EXISTS") {
+		t.Fatalf("pkcs11-tool --init-token with another process's session open: %v\n%s", err, out)
+	}
+	conn := dial(t, bus)
+	sessions := func() map[godbus.ObjectPath]map[string]godbus.Variant {
+		out := map[godbus.ObjectPath]map[string]godbus.Variant{}
+		for p, ifaces := range managedObjects(t, conn) {
+			if props, ok := ifaces[sesIface]; ok {
+				out[p] = props
+			}
+		}
+		return out
+	}
+	pid := uint32(holder.cmd.Process.Pid)
+	found := false
+	for p, props := range sessions() {
+		owner, _ := props["Owner"].Value().(string)
+		opid, _ := props["OwnerPid"].Value().(uint32)
+		if opid == pid && strings.HasPrefix(owner, "pkcs11:pid "+strconv.Itoa(int(pid))+" (") {
+			found = true
+			t.Logf("the holder on the bus: %s Owner %q OwnerPid %d", p, owner, opid)
+		}
+	}
+	if !found {
+		t.Fatalf("no session on the bus owned by the holder (pid %d): %v", pid, sessions())
+	}
+
+	holder.cmd.Process.Signal(syscall.SIGKILL)
+	deadline := time.Now().Add(5 * time.Second)
+	for len(sessions()) != 0 {
+		if time.Now().After(deadline) {
+			t.Fatalf("the killed holder's session is still open: %v", sessions())
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+	out, err = pkcs11Tool(t, sock, "--token-label", hsmLabel, "--init-token", "--label", "wiped", "--so-pin", hsmSO)
+	if err != nil {
+		t.Fatalf("pkcs11-tool --init-token once nobody holds a session: %v\n%s", err, out)
+	}
+}
+
+// TestPKCS11WaitForSlotEvent: a PKCS#11 program blocked in
+// C_WaitForSlotEvent through slotwatch sees a card inserted and removed,
+// and C_GetSlotList(TRUE) follows (p11-kit server answers
+// CKR_FUNCTION_NOT_SUPPORTED to the wait and freezes the slot list).
+func TestPKCS11WaitForSlotEvent(t *testing.T) {
+	pcscd := stack.StartPCSCDForTest(t, stack.PCSCDConfig{Socket: pcscSocket})
+	bus := stack.StartDBusForTest(t, "")
+	sock := p11Socket(t)
+	startDaemon(t, bus, nil, "--module", stack.OpenSCModule, "--pkcs11-socket", sock)
+	card := vcard.New(pcscd.Addr(0), vcard.Profile{Label: "Hotplug", Serial: "4f700001"})
+	t.Cleanup(func() { card.Close() })
+
+	client := startP11Client(t, sock)
+	if ans := client.do(t, "slots"); ans != "slots 0" {
+		t.Fatalf("slots with a token before the card: %q", ans)
+	}
+	for i, step := range []struct {
+		do    func() error
+		slots string
+	}{
+		{card.Insert, "slots 1"},
+		{card.Remove, "slots 0"},
+		{card.Insert, "slots 1"},
+	} {
+		fmt.Fprintln(client.stdin, "wait")
+		if err := step.do(); err != nil {
+			t.Fatal(err)
+		}
+		if ans := client.next(t, 15*time.Second); !strings.HasPrefix(ans, "event ") {
+			t.Fatalf("step %d: C_WaitForSlotEvent answered %q", i, ans)
+		}
+		if ans := client.do(t, "slots"); ans != step.slots {
+			t.Fatalf("step %d: after the event, %q, want %q", i, ans, step.slots)
+		}
+	}
+}
+
+// TestPKCS11SSHAgent: ssh-agent loads p11-kit-client.so (ssh-add -s) and
+// signs through slotwatch (ssh-keygen -Y sign through the agent).
+func TestPKCS11SSHAgent(t *testing.T) {
+	_, sock := p11Daemon(t)
+	dir, err := os.MkdirTemp(testDir, "ssh-")
+	if err != nil {
+		t.Fatal(err)
+	}
+	agentSock := filepath.Join(dir, "agent")
+	env := append(os.Environ(), stack.P11KitServerEnv(sock), "SSH_AUTH_SOCK="+agentSock)
+	agent := exec.Command("ssh-agent", "-D", "-a", agentSock)
+	agent.Env = env
+	agentOut := &lockedBuffer{}
+	agent.Stdout, agent.Stderr = agentOut, agentOut
+	if err := agent.Start(); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { agent.Process.Signal(syscall.SIGTERM); agent.Wait() })
+	waitFor(t, "ssh-agent's socket", func() bool { _, err := os.Stat(agentSock); return err == nil })
+
+	// ssh-add asks for the PIN through SSH_ASKPASS.
+	askpass := filepath.Join(dir, "askpass")
+	if err := os.WriteFile(askpass, []byte("#!/bin/sh\necho "+hsmPIN+"\n"), 0o700); err != nil {
+		t.Fatal(err)
+	}
+	run := func(name string, args ...string) string {
+		t.Helper()
+		ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+		defer cancel()
+		cmd := exec.CommandContext(ctx, name, args...)
+		cmd.Env = append(env, "SSH_ASKPASS="+askpass, "SSH_ASKPASS_REQUIRE=force", "DISPLAY=:0")
+		cmd.Stdin = nil
+		out, err := cmd.CombinedOutput()
+		if err != nil {
+			t.Fatalf("%s %v: %v\n%s\nssh-agent:\n%s", name, args, err, out, agentOut.String())
+		}
+		return string(out)
+	}
+	run("ssh-add", "-s", stack.P11KitClientModule)
+	keys := run("ssh-add", "-L")
+	if !strings.HasPrefix(keys, "ecdsa-sha2-nistp256 ") {
+		t.Fatalf("ssh-add -L: %q, want the token's EC key", keys)
+	}
+	pub := filepath.Join(dir, "key.pub")
+	data := filepath.Join(dir, "data")
+	if err := os.WriteFile(pub, []byte(strings.SplitN(keys, "\n", 2)[0]+"\n"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(data, []byte("signed by a token through slotwatch\n"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	run("ssh-keygen", "-Y", "sign", "-f", pub, "-n", "file", data)
+	allowed := filepath.Join(dir, "allowed")
+	if err := os.WriteFile(allowed, []byte("signer "+strings.SplitN(keys, "\n", 2)[0]+"\n"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	verify := exec.CommandContext(ctx, "ssh-keygen", "-Y", "verify", "-f", allowed, "-I", "signer", "-n", "file", "-s", data+".sig")
+	f, err := os.Open(data)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	verify.Stdin = f
+	if out, err := verify.CombinedOutput(); err != nil {
+		t.Fatalf("ssh-keygen -Y verify: %v\n%s", err, out)
+	}
+}
+
+// TestPKCS11P11Tool: GnuTLS's p11tool lists the token through slotwatch.
+func TestPKCS11P11Tool(t *testing.T) {
+	_, sock := p11Daemon(t)
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	cmd := exec.CommandContext(ctx, "p11tool", "--provider", stack.P11KitClientModule, "--list-tokens")
+	cmd.Env = append(os.Environ(), stack.P11KitServerEnv(sock))
+	out, err := cmd.CombinedOutput()
+	if err != nil || !strings.Contains(string(out), "Label: "+hsmLabel) {
+		t.Fatalf("p11tool --list-tokens: %v\n%s", err, out)
+	}
+}
+
+// waitFor polls cond until it holds, failing after 10 s.
+func waitFor(t *testing.T, what string, cond func() bool) {
+	t.Helper()
+	deadline := time.Now().Add(10 * time.Second)
+	for !cond() {
+		if time.Now().After(deadline) {
+			t.Fatalf("waiting for %s: timed out", what)
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+}
