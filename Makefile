@@ -39,6 +39,7 @@ FUZZTIME ?= 60s
 fuzz:
 	$(GO) test -run '^$$' -fuzz '^FuzzDecodeTemplate$$' -fuzztime $(FUZZTIME) ./dbusapi
 	$(GO) test -run '^$$' -fuzz '^FuzzGenerationOf$$' -fuzztime $(FUZZTIME) ./dbusapi
+	$(GO) test -run '^$$' -fuzz '^FuzzServe$$' -fuzztime $(FUZZTIME) ./pkcs11face/rpc
 
 # A private pcscd, a virtual card inserted, removed and swapped, and
 # "slotwatch watch" printing each event with its generation.
