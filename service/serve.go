@@ -55,6 +55,9 @@ func runServe(args []string) error {
 	if err != nil {
 		return err
 	}
+	if stop := startCPUProfile(logger); stop != nil {
+		defer stop()
+	}
 
 	cfg, mods, warnings, err := config.ResolveModules(modules, *configPath)
 	if err != nil {

@@ -48,7 +48,8 @@ func BenchmarkPKCS11Face(b *testing.B) {
 		b.Fatal(err)
 	}
 	ours := filepath.Join(dir, "slotwatch")
-	benchDaemon(b, bus, hsm.Env(), "--module", stack.SoftHSMModule, "--no-pcsc", "--pkcs11-socket", ours)
+	// SLOTWATCH_BENCH_CPUPROFILE=FILE: the daemon's CPU profile.
+	benchDaemon(b, bus, append(hsm.Env(), "SLOTWATCH_CPUPROFILE="+os.Getenv("SLOTWATCH_BENCH_CPUPROFILE")), "--module", stack.SoftHSMModule, "--no-pcsc", "--pkcs11-socket", ours)
 	theirs := p11KitServer(b, hsm.Env(), filepath.Join(dir, "p11-kit"))
 
 	// Each client: a p11-kit-client.so instance pointed at a socket (the

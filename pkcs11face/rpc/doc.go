@@ -25,7 +25,11 @@
 //     thread of the client until an event comes; Serve instead runs the
 //     calls of one connection concurrently (Options.MaxInFlight of them)
 //     and never lets waits take every slot, so a blocked wait holds up
-//     nobody.
+//     nobody. A call that arrives while nothing else runs is answered on
+//     the reading goroutine (no hand-over: p11-kit server's speed for the
+//     common one-call-at-a-time client); a call arriving meanwhile waits
+//     for it, as it would with p11-kit's server, unless the running one is
+//     a C_WaitForSlotEvent, which always runs on a goroutine of its own.
 //   - C_Finalize from another thread while a wait is blocked: Serve
 //     cancels the wait's context and answers it with
 //     CKR_CRYPTOKI_NOT_INITIALIZED, as PKCS#11 asks. The order matters:

@@ -1,6 +1,7 @@
 package rpc
 
 import (
+	"bufio"
 	"context"
 	"encoding/binary"
 	"errors"
@@ -49,6 +50,10 @@ type Options struct {
 	Logger *slog.Logger
 }
 
+// readBuffer is the size of a connection's read buffer: most requests fit
+// whole, so reading one costs one system call.
+const readBuffer = 32 << 10
+
 // ErrBrokenStream is returned by Serve when the byte stream cannot be
 // followed any more: a frame cut short, or a read or write error.
 var ErrBrokenStream = errors.New("p11-kit rpc: broken stream")
@@ -75,6 +80,7 @@ var ErrBrokenStream = errors.New("p11-kit rpc: broken stream")
 func Serve(ctx context.Context, conn net.Conn, h Handler, opts Options) error {
 	s := &server{
 		conn:    conn,
+		r:       bufio.NewReaderSize(conn, readBuffer),
 		h:       h,
 		maxSize: opts.MaxMessageSize,
 		log:     opts.Logger,
@@ -121,6 +127,7 @@ func Serve(ctx context.Context, conn net.Conn, h Handler, opts Options) error {
 
 type server struct {
 	conn    net.Conn
+	r       *bufio.Reader // conn's reads: a frame's header, options and body in one read(2)
 	h       Handler
 	log     *slog.Logger
 	maxSize int
@@ -146,7 +153,7 @@ type server struct {
 // speak. ok is false if the client left before sending it.
 func (s *server) handshake() (ok bool, err error) {
 	var v [1]byte
-	if _, err := io.ReadFull(s.conn, v[:]); err != nil {
+	if _, err := io.ReadFull(s.r, v[:]); err != nil {
 		if peerGone(err) {
 			return false, nil
 		}
@@ -194,6 +201,15 @@ func (s *server) readLoop() (err error) {
 			continue
 		}
 		s.calls.Add(1)
+		if len(s.slots) == 1 && !mayBlock(body) {
+			// Nothing else in flight: answer on this goroutine, which
+			// saves a hand-over per call (most clients make one call
+			// at a time). Calls that arrive meanwhile wait in the socket
+			// as they would with p11-kit's own server; a call that may
+			// block for good always gets a goroutine of its own.
+			s.serveCall(code, body)
+			continue
+		}
 		go s.serveCall(code, body)
 	}
 }
@@ -202,7 +218,7 @@ func (s *server) readLoop() (err error) {
 // consumed without being stored and comes back with a nil body.
 func (s *server) readFrame() (code uint32, body []byte, err error) {
 	var hdr [frameHeaderLen]byte
-	if n, err := io.ReadFull(s.conn, hdr[:]); err != nil {
+	if n, err := io.ReadFull(s.r, hdr[:]); err != nil {
 		if n == 0 && peerGone(err) {
 			return 0, nil, io.EOF
 		}
@@ -215,17 +231,17 @@ func (s *server) readFrame() (code uint32, body []byte, err error) {
 	if optLen+bodyLen > int64(s.maxSize) {
 		s.log.Warn("p11-kit rpc: request over the size limit, discarded",
 			"size", optLen+bodyLen, "limit", s.maxSize)
-		if _, err := io.CopyN(io.Discard, s.conn, optLen+bodyLen); err != nil {
+		if _, err := io.CopyN(io.Discard, s.r, optLen+bodyLen); err != nil {
 			return 0, nil, fmt.Errorf("%w: skipping an oversized frame: %v", ErrBrokenStream, err)
 		}
 		return code, nil, nil
 	}
 	// The options carry the client's module name; nothing depends on it.
-	if _, err := io.CopyN(io.Discard, s.conn, optLen); err != nil {
+	if _, err := io.CopyN(io.Discard, s.r, optLen); err != nil {
 		return 0, nil, fmt.Errorf("%w: reading frame options: %v", ErrBrokenStream, err)
 	}
 	body = make([]byte, bodyLen)
-	if _, err := io.ReadFull(s.conn, body); err != nil {
+	if _, err := io.ReadFull(s.r, body); err != nil {
 		return 0, nil, fmt.Errorf("%w: reading a frame body: %v", ErrBrokenStream, err)
 	}
 	return code, body, nil
@@ -447,4 +463,10 @@ func (s *server) leaveWait() {
 	if s.waits--; s.waits == 0 {
 		s.waitsIdle.Broadcast()
 	}
+}
+
+// mayBlock tells whether a request may block for good (C_WaitForSlotEvent
+// without CKF_DONT_BLOCK blocks until an event).
+func mayBlock(body []byte) bool {
+	return len(body) < 4 || callID(binary.BigEndian.Uint32(body)) == callWaitForSlotEvent
 }
