@@ -14,14 +14,18 @@ var OpenSCModule = filepath.Join(p11kitpath.ModuleDir(), "opensc-pkcs11.so")
 const OpenSCConfEnv = "OPENSC_CONF"
 
 // openSCConf makes OpenSC fast and predictable with vcard cards:
-//   - card_drivers = default: only the generic ISO 7816 driver, which
-//     reads the PKCS#15 structure; the stock list probes every driver with
-//     its own APDUs first (about 2.4 s a card).
+//   - card_drivers = myeid, default: the MyEID driver, which binds a vcard
+//     by its ATR (historical bytes ending in "OsEID") without sending a
+//     command to find out, reads its PKCS#15 structure, and knows its EC
+//     algorithms, so that the card's key can sign (the generic "default"
+//     driver registers no algorithm); and the generic ISO 7816 driver for
+//     any other card. The stock list probes every driver with its own
+//     APDUs first (about 2.4 s a card).
 //   - enable_default_driver: the generic driver may bind unknown ATRs.
 //   - use_file_caching = no: no cache in $HOME; a swapped card with the
 //     same serial must not show the previous card's files.
 const openSCConf = `app default {
-	card_drivers = default;
+	card_drivers = myeid, default;
 	enable_default_driver = true;
 	framework pkcs15 {
 		use_file_caching = no;

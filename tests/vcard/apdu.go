@@ -26,6 +26,8 @@ const (
 
 // Instructions the card implements; every other INS gets 6D00 (except
 // those of the OpenPGP application while it is selected, openpgp.go).
+// VERIFY, MSE, PSO, GET CHALLENGE, GET DATA and LOGOUT are in
+// security.go.
 const (
 	insSelect      = 0xA4
 	insReadBinary  = 0xB0
@@ -103,10 +105,12 @@ func parseCommand(b []byte) (command, error) {
 	return c, errAPDULength
 }
 
-// chip is the card's operating system for one insertion: the file system
-// plus the selection state and the pending GET RESPONSE data. It is not
-// safe for concurrent use; one connection's serve goroutine owns it.
+// chip is the card's operating system for one insertion: the card (file
+// system and secrets) plus the selection state, the security state and
+// the pending GET RESPONSE data. It is not safe for concurrent use; one
+// connection's serve goroutine owns it.
 type chip struct {
+	img     *image
 	mf      *file
 	curDF   *file
 	curEF   *file
@@ -119,19 +123,22 @@ type chip struct {
 	onCommand func()
 	// pgp is the OpenPGP application (openpgp.go).
 	pgp openPGPState
+	// sec is the PIN verification and security environment (security.go).
+	sec secState
 }
 
-func newChip(mf *file) *chip {
-	c := &chip{mf: mf}
+func newChip(img *image) *chip {
+	c := &chip{img: img, mf: img.mf}
 	c.reset()
 	return c
 }
 
-// reset is what a power cycle or warm reset does: the MF is selected again
-// and nothing is pending.
+// reset is what a power cycle or warm reset does: the MF is selected again,
+// nothing is pending, and no PIN is verified any more.
 func (c *chip) reset() {
 	c.curDF, c.curEF, c.pending = c.mf, nil, nil
 	c.pgp.selected = false
+	c.sec = secState{}
 }
 
 // process executes one command APDU and returns the response APDU
@@ -175,6 +182,21 @@ func (c *chip) process(apdu []byte) []byte {
 			c.onTokenInfoRead()
 		}
 		return sw(data, status) // readBinary already honoured Le
+	case insVerify:
+		return sw(nil, c.verify(cmd))
+	case insLogout:
+		return sw(nil, c.logout(cmd))
+	case insMSE:
+		return sw(nil, c.mse(cmd))
+	case insPSO:
+		data, status := c.pso(cmd)
+		return c.respond(cmd, data, status)
+	case insGetChallenge:
+		data, status := getChallenge(cmd)
+		return sw(data, status) // exactly Le bytes
+	case insGetData:
+		data, status := c.getData(cmd)
+		return c.respond(cmd, data, status)
 	default:
 		return sw(nil, swINSNotSupported)
 	}
@@ -363,6 +385,9 @@ func (c *chip) readBinary(cmd command) ([]byte, uint16) {
 	}
 	if c.curEF == nil { // nothing or a DF selected
 		return nil, swNoCurrentEF
+	}
+	if c.curEF.internal { // a key
+		return nil, swIncompatibleFile
 	}
 	data := c.curEF.data
 	off := int(cmd.p1)<<8 | int(cmd.p2)

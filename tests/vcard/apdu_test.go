@@ -13,11 +13,11 @@ var testProfile = Profile{Label: "Test Token", Serial: "1234", Manufacturer: "sl
 
 func newTestChip(t *testing.T, p Profile) (*chip, []byte) {
 	t.Helper()
-	cert, err := GenerateCert(p.Label)
+	img, err := buildCard(p)
 	if err != nil {
 		t.Fatal(err)
 	}
-	return newChip(buildFS(p, cert)), cert
+	return newChip(img), img.cert
 }
 
 // h decodes hex, ignoring spaces.
@@ -142,7 +142,7 @@ func TestPKCS15Files(t *testing.T) {
 
 	// ODF as an EF of the current DF.
 	expectSW(t, c, "00A4020C025031", swOK)
-	if odf := readAll(t, c, 256); !bytes.Equal(odf, h("A40A 3008 0406 3F0050154401")) {
+	if odf := readAll(t, c, 256); !bytes.Equal(odf, h("A00A 3008 0406 3F0050154402  A40A 3008 0406 3F0050154401  A80A 3008 0406 3F0050154403")) {
 		t.Fatalf("ODF %x", odf)
 	}
 
@@ -211,7 +211,8 @@ func TestSelectAndReadErrors(t *testing.T) {
 	expectSW(t, c, "00B08100 00", swFuncNotSupported) // short EF identifier
 	expectSW(t, c, "00B00000", swWrongLength)         // no Le
 
-	expectSW(t, c, "00CA010000", swINSNotSupported) // GET DATA
+	expectSW(t, c, "00CA010000", swRefDataNotFound) // GET DATA of no DO
+	expectSW(t, c, "00DA010000", swINSNotSupported) // PUT DATA
 	expectSW(t, c, "80CA9F7F00", swCLANotSupported) // proprietary class
 	expectSW(t, c, "FFCA000000", swCLANotSupported) // PC/SC pseudo-APDU
 	expectSW(t, c, "01A4000C023F00", swLogicalChannel)
@@ -264,11 +265,11 @@ func hexByte(n int) string   { return hex.EncodeToString([]byte{byte(n)}) }
 // one, the card keeps its generated certificate across insertions.
 func TestProfileCert(t *testing.T) {
 	own := []byte{0x30, 0x03, 0x02, 0x01, 0x07}
-	fs, err := buildCard(Profile{Label: "Own", Cert: own})
+	img, err := buildCard(Profile{Label: "Own", Cert: own})
 	if err != nil {
 		t.Fatal(err)
 	}
-	if got := fs.child(fidPKCS15).child(fidCert).data; !bytes.Equal(got, own) {
+	if got := img.mf.child(fidPKCS15).child(fidCert).data; !bytes.Equal(got, own) {
 		t.Fatalf("EF 4301 = %x, want %x", got, own)
 	}
 

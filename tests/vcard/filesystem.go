@@ -10,6 +10,7 @@ import (
 	"encoding/hex"
 	"fmt"
 	"math/big"
+	"sync/atomic"
 	"time"
 )
 
@@ -19,15 +20,22 @@ import (
 var PKCS15AID = []byte{0xA0, 0x00, 0x00, 0x00, 0x63, 0x50, 0x4B, 0x43, 0x53, 0x2D, 0x31, 0x35}
 
 // File identifiers of the card's file system. The layout is the smallest
-// one OpenSC's pkcs15 framework accepts as a token:
+// one OpenSC's pkcs15 framework accepts as a token, plus a PIN and a key:
 //
 //	3F00 MF
 //	├── 2F00 EF.DIR        application template: AID, label, path 3F00 5015
 //	└── 5015 DF.PKCS15     DF name = PKCS15AID
-//	    ├── 5031 EF.ODF    points at the CDF
+//	    ├── 5031 EF.ODF    points at the PrKDF, the CDF and the AODF
 //	    ├── 5032 EF.TokenInfo  serial, manufacturer, label, flags
 //	    ├── 4401 EF.CDF    one certificate object pointing at 4301
-//	    └── 4301 EF.CERT   the DER certificate
+//	    ├── 4301 EF.CERT   the DER certificate
+//	    ├── 4402 EF.PrKDF  one EC private key object (iD 45, key file 4B01,
+//	    │                  authId 01)
+//	    ├── 4403 EF.AODF   one PIN object (authId 01, reference 01)
+//	    └── 4B01 key file  internal EF: can be selected, never read
+//
+// A card with Profile.NoKey has neither the PrKDF, the AODF nor the key
+// file, and its ODF lists only the CDF.
 const (
 	fidMF        = 0x3F00
 	fidDir       = 0x2F00
@@ -36,6 +44,9 @@ const (
 	fidTokenInfo = 0x5032
 	fidCDF       = 0x4401
 	fidCert      = 0x4301
+	fidPrKDF     = 0x4402
+	fidAODF      = 0x4403
+	fidPrivKey   = 0x4B01
 )
 
 // file is a node of the card's file system: a DF (dedicated file, a
@@ -45,6 +56,7 @@ type file struct {
 	df       bool
 	name     []byte // DF name (AID); DFs only, may be nil
 	data     []byte // EF contents; EFs only
+	internal bool   // an internal EF (a key): selectable, not readable
 	parent   *file  // nil for the MF
 	children []*file
 }
@@ -76,9 +88,12 @@ func (f *file) child(fid uint16) *file {
 // DF name (84) and life cycle status (8A, 05 = operational/activated).
 func (f *file) fcp() []byte {
 	var b []byte
-	if f.df {
+	switch {
+	case f.df:
 		b = append(b, tlv(0x82, []byte{0x38})...) // DF
-	} else {
+	case f.internal:
+		b = append(b, tlv(0x82, []byte{0x11})...) // internal EF, as MyEID's key files
+	default:
 		b = append(b, tlv(0x80, []byte{byte(len(f.data) >> 8), byte(len(f.data))})...)
 		b = append(b, tlv(0x82, []byte{0x01})...) // working EF, transparent
 	}
@@ -131,9 +146,22 @@ func serialBytes(serial string) []byte {
 	return []byte(serial)
 }
 
+// image is a card built for one profile: its file system and its
+// secrets. Every insertion of a Card serves the same image until the
+// profile changes (SetProfile, Swap), so the PIN retry counter lasts
+// across insertions, as on a real card.
+type image struct {
+	mf     *file
+	cert   []byte            // the DER certificate in EF 4301
+	serial []byte            // TokenInfo's serialNumber
+	key    *ecdsa.PrivateKey // nil: no key and no PIN (Profile.NoKey)
+	pin    []byte
+	tries  atomic.Int32 // PIN tries left; 0 = blocked
+}
+
 // buildFS builds the card's file system for p. cert is the DER certificate
-// to expose (already generated if p had none).
-func buildFS(p Profile, cert []byte) *file {
+// to expose; withKey adds the PIN and private key objects.
+func buildFS(p Profile, cert []byte, withKey bool) *file {
 	mf := newDF(fidMF, nil)
 
 	// EF.DIR: one application template (61) with the PKCS#15 AID (4F),
@@ -165,21 +193,85 @@ func buildFS(p Profile, cert []byte) *file {
 	// skips TokenInfo and the token has an empty label.
 	cdf := seq(
 		seq(tlv(0x0C, []byte(p.Label+" cert"))),
-		seq(tlv(0x04, []byte{0x45})),
+		seq(tlv(0x04, []byte{keyID})),
 		tlv(0xA1, seq(pathObj(fidMF, fidPKCS15, fidCert))),
 	)
 	app.add(&file{fid: fidCDF, data: cdf})
 	app.add(&file{fid: fidCert, data: cert})
 
-	// ODF: certificates [4] -> path of the CDF.
-	odf := tlv(0xA4, pathObj(fidMF, fidPKCS15, fidCDF))
+	// ODF: privateKeys [0] -> PrKDF, certificates [4] -> CDF,
+	// authObjects [8] -> AODF.
+	var odf []byte
+	if withKey {
+		odf = append(odf, tlv(0xA0, pathObj(fidMF, fidPKCS15, fidPrKDF))...)
+	}
+	odf = append(odf, tlv(0xA4, pathObj(fidMF, fidPKCS15, fidCDF))...)
+	if withKey {
+		odf = append(odf, tlv(0xA8, pathObj(fidMF, fidPKCS15, fidAODF))...)
+		app.add(&file{fid: fidPrKDF, data: prkdf(p)})
+		app.add(&file{fid: fidAODF, data: aodf()})
+		app.add(&file{fid: fidPrivKey, internal: true})
+	}
 	app.add(&file{fid: fidODF, data: odf})
 	return mf
 }
 
+// bitString encodes a PKCS#15 BIT STRING of named bits (bit 0 is the most
+// significant bit of the first byte), with the unused bits of the last
+// byte counted as DER wants.
+func bitString(bits ...int) []byte {
+	last := 0
+	for _, b := range bits {
+		last = max(last, b)
+	}
+	v := make([]byte, 1+last/8+1)
+	for _, b := range bits {
+		v[1+b/8] |= 0x80 >> (b % 8)
+	}
+	v[0] = byte(7 - last%8)
+	return tlv(0x03, v)
+}
+
+// prkdf is the PrKDF: one EC private key object, privateECKey [0] {
+// CommonObjectAttributes { label "<Label> key", flags (private), authId
+// 01 }, CommonKeyAttributes { iD 45, usage (sign), accessFlags
+// (sensitive, alwaysSensitive, neverExtractable, local) }, [1] {
+// PrivateECKeyAttributes { value Path 3F00 5015 4B01, fieldSize 256
+// (OpenSC's extension, which it needs to size the signature) } } }.
+func prkdf(p Profile) []byte {
+	return tlv(0xA0, bytes.Join([][]byte{
+		seq(tlv(0x0C, []byte(p.Label+KeyLabel)), bitString(0), tlv(0x04, []byte{pinAuthID})),
+		seq(tlv(0x04, []byte{keyID}), bitString(2), bitString(0, 2, 3, 4)),
+		tlv(0xA1, seq(pathObj(fidMF, fidPKCS15, fidPrivKey), tlv(0x02, []byte{0x01, 0x00}))),
+	}, nil))
+}
+
+// aodf is the AODF: one PIN object, pin SEQUENCE { CommonObjectAttributes
+// { label "PIN" (OpenSC appends any other PIN label to the token label)
+// }, CommonAuthenticationObjectAttributes { authId 01 },
+// [1] { PinAttributes { pinFlags (case-sensitive, change-disabled,
+// unblock-disabled, initialized), pinType utf8, minLength, storedLength,
+// maxLength, pinReference [0] 01 } } }. No path: the PIN is global, and
+// OpenSC selects nothing before VERIFY.
+func aodf() []byte {
+	return seq(
+		seq(tlv(0x0C, []byte("PIN"))),
+		seq(tlv(0x04, []byte{pinAuthID})),
+		tlv(0xA1, seq(
+			bitString(0, 2, 3, 4),
+			tlv(0x0A, []byte{0x02}),
+			tlv(0x02, []byte{MinPINLen}),
+			tlv(0x02, []byte{MaxPINLen}),
+			tlv(0x02, []byte{MaxPINLen}),
+			tlv(0x80, []byte{pinRef}),
+		)),
+	)
+}
+
 // GenerateCert returns a DER self-signed ECDSA P-256 certificate whose
-// subject common name is label. The key is thrown away: the card only
-// exposes the certificate, it cannot sign.
+// subject common name is label, of a fresh random key that is thrown away:
+// as Profile.Cert, a certificate that does not match the card's key. (A
+// profile without Cert gets Certificate(p), which does.)
 func GenerateCert(label string) ([]byte, error) {
 	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
 	if err != nil {

@@ -12,9 +12,12 @@ import (
 // can be verified, and an identity derived from the Profile.
 //
 // The application is reached only by SELECT by its AID. Until then the card
-// answers exactly as the plain ISO 7816-4 / PKCS#15 card does (OpenSC with
-// card_drivers = default never selects it, and GET DATA stays 6D00 for it);
-// any other SELECT, a reset or a power cycle leaves the application again.
+// answers exactly as the plain ISO 7816-4 / PKCS#15 card does (OpenSC's
+// MyEID driver never selects it; GET DATA of its DOs is 6A88 there, and
+// VERIFY is the PKCS#15 PIN's, security.go); any other SELECT, a reset or
+// a power cycle leaves the application again. Its VERIFY never touches the
+// PKCS#15 PIN (neither its status nor its retry counter), and the PKCS#15
+// PIN's verification survives selecting and leaving the application.
 //
 // While the application is selected the card understands:
 //   - GET DATA (CA) of the data objects scdaemon reads: 4F, 5E, 5F50, 5F52,
@@ -28,7 +31,8 @@ import (
 //   - GENERATE ASYMMETRIC KEY PAIR (47) with P1 = 81 (read a public key):
 //     6A88, there is no key; generating one (P1 = 80) is 6985.
 //
-// Every other instruction goes to the ISO card (6D00 for most).
+// Every other instruction goes to the ISO card (6D00 for most, the
+// security commands of security.go for some).
 
 // openPGPRID is the registered application provider identifier (D2 76 00
 // 01 24) and the application (01) of an OpenPGP card: the first six bytes

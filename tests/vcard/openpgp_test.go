@@ -65,8 +65,8 @@ func getData(tag uint16) string { return fmt.Sprintf("00CA%04X00", tag) }
 func TestOpenPGPApplication(t *testing.T) {
 	c, _ := newTestChip(t, testProfile)
 
-	// Not selected: GET DATA is not an instruction of the ISO card.
-	expectSW(t, c, getData(0x4F), swINSNotSupported)
+	// Not selected: the ISO card has no such DO.
+	expectSW(t, c, getData(0x4F), swRefDataNotFound)
 
 	// scdaemon's probing before it selects the application.
 	expectSW(t, c, "00A4000C023F00", swOK)
@@ -166,14 +166,14 @@ func TestOpenPGPApplication(t *testing.T) {
 	if toki := readAll(t, c, 256); !bytes.Contains(toki, []byte(testProfile.Label)) {
 		t.Fatalf("TokenInfo %X after OpenPGP", toki)
 	}
-	expectSW(t, c, getData(0x4F), swINSNotSupported)
-	expectSW(t, c, "00200081", swINSNotSupported)
+	expectSW(t, c, getData(0x4F), swRefDataNotFound)
+	expectSW(t, c, "00200081", swRefDataNotFound) // the ISO card's PIN is 01
 
 	// So does a reset; and a full AID selects the application too.
 	expectSW(t, c, "00A4040010"+hex.EncodeToString(aid)+"00", swOK)
 	expectSW(t, c, getData(0x4F), swOK)
 	c.reset()
-	expectSW(t, c, getData(0x4F), swINSNotSupported)
+	expectSW(t, c, getData(0x4F), swRefDataNotFound)
 
 	// Not the OpenPGP application: an AID of another card, a shorter
 	// prefix, the next occurrence, and a failing SELECT deselects.
@@ -182,7 +182,7 @@ func TestOpenPGPApplication(t *testing.T) {
 	expectSW(t, c, "00A4040206D27600012401", swFileNotFound)
 	expectSW(t, c, selectOpenPGP, swOK)
 	expectSW(t, c, "00A4000C024F00", swFileNotFound)
-	expectSW(t, c, getData(0x4F), swINSNotSupported)
+	expectSW(t, c, getData(0x4F), swRefDataNotFound)
 }
 
 // TestOpenPGPAID: the AID's serial follows the profile's serial, so that

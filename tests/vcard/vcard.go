@@ -1,8 +1,10 @@
 // Package vcard is a virtual smart card for tests: it plugs into the
 // vsmartcard "vpcd" reader driver of a pcscd over TCP and serves a minimal
-// ISO 7816-4 card carrying a PKCS#15 file system, which OpenSC's generic
-// "default" card driver and its pkcs15 framework expose as a PKCS#11 token
-// with a label, a serial number and one certificate.
+// ISO 7816-4 card carrying a PKCS#15 file system, which OpenSC (its
+// "myeid" card driver, bound by the ATR, and its pkcs15 framework) exposes
+// as a PKCS#11 token with a label, a serial number, one certificate and,
+// behind a user PIN, the matching EC P-256 private key, which signs on the
+// card (security.go, key.go).
 //
 // Connecting to vpcd's port is inserting the card into that reader;
 // closing the connection is removing it. A Card can be inserted and
@@ -17,7 +19,6 @@ package vcard
 
 import (
 	"bufio"
-	"bytes"
 	"encoding/binary"
 	"errors"
 	"fmt"
@@ -28,11 +29,20 @@ import (
 	"time"
 )
 
-// ATR is the answer to reset the card sends. It is vicc's default ISO ATR
-// (T=0 and T=1, historical bytes 00 31 C1 73 C8 40 00 00 90 00), which no
-// specific OpenSC driver claims: with card_drivers = default OpenSC binds
-// its generic ISO 7816 driver, which is what reads the PKCS#15 structure.
-var ATR = []byte{0x3B, 0x8A, 0x80, 0x01, 0x00, 0x31, 0xC1, 0x73, 0xC8, 0x40, 0x00, 0x00, 0x90, 0x00, 0x90}
+// ATR is the answer to reset the card sends: T=0 and T=1, and 13
+// historical bytes (category 80, then COMPACT-TLV: card service data
+// 31 C1, card capabilities 73 C8 40 00, and card issuer's data 55 "OsEID")
+// ending in "OsEID", which is how OpenSC's "myeid" driver recognizes
+// OsEID, the software implementation of the MyEID card: that driver reads
+// the card's own PKCS#15 structure like the generic one does, and it also
+// knows the card's EC algorithms, so that OpenSC can sign with the key (the
+// generic "default" driver registers no algorithm). stack.WriteOpenSCConf
+// enables it.
+var ATR = []byte{
+	0x3B, 0x8D, 0x80, 0x01,
+	0x80, 0x31, 0xC1, 0x73, 0xC8, 0x40, 0x00, 0x55, 'O', 's', 'E', 'I', 'D',
+	0xA6, // TCK
+}
 
 // vpcd control codes (a 1-byte message from vpcd).
 const (
@@ -61,7 +71,13 @@ type Profile struct {
 	Label        string // token label (PKCS#15 TokenInfo label)
 	Serial       string // token serial; use an even number of lower-case hex digits to see it unchanged in OpenSC (see serialBytes)
 	Manufacturer string // TokenInfo manufacturerID
-	Cert         []byte // DER certificate in EF 4301; nil = a generated self-signed one (CN = Label)
+	Cert         []byte // DER certificate in EF 4301; nil = Certificate(p), a self-signed one of the card's key (CN = Label)
+	PIN          string // user PIN, MinPINLen to MaxPINLen bytes, not ending in 0xFF; "" = DefaultPIN
+	// NoKey leaves out the private key and the PIN: the card has no
+	// PrKDF, AODF or key file, and OpenSC shows a token that needs no
+	// login and that it never asks for a PIN status (the card before it
+	// had a key).
+	NoKey bool
 }
 
 // Card is a virtual card for one vpcd reader. It is safe for concurrent
@@ -73,7 +89,7 @@ type Card struct {
 
 	mu       sync.Mutex // guards the fields below; never held during I/O
 	profile  Profile
-	fs       *file         // file system built for profile; nil until needed
+	img      *image        // card built for profile; nil until needed
 	gen      int           // incremented by every profile change
 	conn     *net.TCPConn  // current connection to vpcd, nil if removed
 	done     chan struct{} // closed when conn's serve goroutine has returned
@@ -89,10 +105,12 @@ func New(addr string, p Profile) *Card {
 }
 
 // SetProfile sets the profile for the next Insert; an inserted card keeps
-// showing its current profile until it is removed.
+// showing its current profile until it is removed. The next Insert serves
+// a card built anew, with a PIN retry counter at PINTries, even if p is
+// the profile the card already had.
 func (c *Card) SetProfile(p Profile) {
 	c.mu.Lock()
-	c.profile, c.fs = p, nil
+	c.profile, c.img = p, nil
 	c.gen++
 	c.mu.Unlock()
 }
@@ -123,11 +141,11 @@ func (c *Card) aliveLocked() bool {
 func (c *Card) Insert() error {
 	c.op.Lock()
 	defer c.op.Unlock()
-	fs, err := c.prepare()
+	img, err := c.prepare()
 	if err != nil {
 		return err
 	}
-	return c.insert(fs)
+	return c.insert(img)
 }
 
 // Remove closes the connection to vpcd (pcscd sees the card gone at its
@@ -158,24 +176,27 @@ func (c *Card) Remove() error {
 //
 // To make sure a change is reported, Remove, wait until the removal is
 // observed, then Insert.
+//
+// Like SetProfile, Swap always serves a card built anew (PIN retry
+// counter at PINTries).
 func (c *Card) Swap(p Profile) error {
 	c.op.Lock()
 	defer c.op.Unlock()
 	if c.isClosed() {
 		return ErrClosed
 	}
-	fs, err := buildCard(p)
+	img, err := buildCard(p)
 	if err != nil {
 		return err
 	}
 	c.mu.Lock()
-	c.profile, c.fs = p, fs
+	c.profile, c.img = p, img
 	c.gen++
 	c.mu.Unlock()
 	if err := c.remove(); err != nil && !errors.Is(err, ErrNotInserted) {
 		return err
 	}
-	return c.insert(fs)
+	return c.insert(img)
 }
 
 // Close removes the card if it is inserted; afterwards Insert and Swap
@@ -192,41 +213,48 @@ func (c *Card) Close() error {
 	return nil
 }
 
-// prepare returns the file system for the current profile, building it
-// (and generating a certificate) once per profile. Called with c.op held.
-func (c *Card) prepare() (*file, error) {
+// prepare returns the card built for the current profile, building it
+// (and its certificate and key) once per profile. Called with c.op held.
+func (c *Card) prepare() (*image, error) {
 	c.mu.Lock()
-	p, fs, gen, closed := c.profile, c.fs, c.gen, c.closed
+	p, img, gen, closed := c.profile, c.img, c.gen, c.closed
 	c.mu.Unlock()
 	if closed {
 		return nil, ErrClosed
 	}
-	if fs != nil {
-		return fs, nil
+	if img != nil {
+		return img, nil
 	}
-	fs, err := buildCard(p)
+	img, err := buildCard(p)
 	if err != nil {
 		return nil, err
 	}
 	c.mu.Lock()
-	if c.gen == gen { // keep it (and its certificate) for later inserts
-		c.fs = fs
+	if c.gen == gen { // keep it (and its PIN counter) for later inserts
+		c.img = img
 	}
 	c.mu.Unlock()
-	return fs, nil
+	return img, nil
 }
 
-// buildCard builds the file system for p, generating the certificate if
-// p has none.
-func buildCard(p Profile) (*file, error) {
-	cert := bytes.Clone(p.Cert)
-	if cert == nil {
-		var err error
-		if cert, err = GenerateCert(p.Label); err != nil {
-			return nil, err
-		}
+// buildCard builds the card for p: its certificate (Certificate), its key
+// and PIN unless p.NoKey, and its file system.
+func buildCard(p Profile) (*image, error) {
+	cert, err := Certificate(p)
+	if err != nil {
+		return nil, err
 	}
-	return buildFS(p, cert), nil
+	img := &image{cert: cert, serial: serialBytes(p.Serial)}
+	if !p.NoKey {
+		pin := ProfilePIN(p)
+		if len(pin) < MinPINLen || len(pin) > MaxPINLen || pin[len(pin)-1] == 0xFF {
+			return nil, fmt.Errorf("vcard: PIN of %d bytes: want %d to %d, not ending in 0xFF", len(pin), MinPINLen, MaxPINLen)
+		}
+		img.key, img.pin = ProfileKey(p), []byte(pin)
+		img.tries.Store(PINTries)
+	}
+	img.mf = buildFS(p, cert, !p.NoKey)
+	return img, nil
 }
 
 func (c *Card) isClosed() bool {
@@ -235,8 +263,8 @@ func (c *Card) isClosed() bool {
 	return c.closed
 }
 
-// insert connects and starts serving fs. Called with c.op held.
-func (c *Card) insert(fs *file) error {
+// insert connects and starts serving img. Called with c.op held.
+func (c *Card) insert(img *image) error {
 	c.mu.Lock()
 	if c.closed {
 		c.mu.Unlock()
@@ -270,7 +298,7 @@ func (c *Card) insert(fs *file) error {
 	c.mu.Lock()
 	c.conn, c.done, c.read = conn, done, read
 	c.mu.Unlock()
-	ch := newChip(fs)
+	ch := newChip(img)
 	var once sync.Once
 	ch.onTokenInfoRead = func() { once.Do(func() { close(read) }) }
 	ch.onCommand = func() { c.lastAPDU.Store(time.Now().UnixNano()) }
