@@ -6,6 +6,7 @@ import (
 	"crypto/ecdsa"
 	"crypto/sha256"
 	"crypto/x509"
+	"encoding/hex"
 	"fmt"
 	"io"
 	"math/big"
@@ -191,6 +192,14 @@ func TestHelperPKCS11ClientProcess(t *testing.T) {
 			// that follows are what the tests check.
 			ev := <-p.WaitForSlotEvent(0)
 			fmt.Println("event", ev.SlotID)
+		case "signloop":
+			// signloop LABEL PIN: a session on token LABEL, logged in,
+			// signs the same digest again and again with its first
+			// private key, printing "sig HEX" or "err ..." each time,
+			// until "stop" comes on stdin. The session is never
+			// reopened: a stale session must never sign on another card.
+			label, pin, _ := strings.Cut(arg, " ")
+			signLoop(p, label, pin, in)
 		case "slots":
 			slots, err := p.GetSlotList(true)
 			if err != nil {
@@ -202,6 +211,57 @@ func TestHelperPKCS11ClientProcess(t *testing.T) {
 	}
 	p.Finalize()
 	os.Exit(0)
+}
+
+// loopDigest is what signloop signs.
+var loopDigest = sha256.Sum256([]byte("which card signed this?"))
+
+func signLoop(p *pkcs11.Ctx, label, pin string, in *bufio.Scanner) {
+	slot, err := slotOfToken(p, label)
+	if err != nil {
+		fmt.Println("error", err)
+		return
+	}
+	h, err := p.OpenSession(slot, pkcs11.CKF_SERIAL_SESSION)
+	if err == nil {
+		err = p.Login(h, pkcs11.CKU_USER, pin)
+	}
+	var keys []pkcs11.ObjectHandle
+	if err == nil {
+		if err = p.FindObjectsInit(h, []*pkcs11.Attribute{pkcs11.NewAttribute(pkcs11.CKA_CLASS, pkcs11.CKO_PRIVATE_KEY)}); err == nil {
+			keys, _, err = p.FindObjects(h, 1)
+			p.FindObjectsFinal(h)
+		}
+	}
+	if err != nil || len(keys) != 1 {
+		fmt.Println("error", err, len(keys))
+		return
+	}
+	fmt.Println("signing")
+	stop := make(chan struct{})
+	go func() {
+		in.Scan() // "stop", or EOF
+		close(stop)
+	}()
+	for {
+		select {
+		case <-stop:
+			fmt.Println("stopped")
+			return
+		default:
+		}
+		err := p.SignInit(h, []*pkcs11.Mechanism{pkcs11.NewMechanism(pkcs11.CKM_ECDSA, nil)}, keys[0])
+		var sig []byte
+		if err == nil {
+			sig, err = p.Sign(h, loopDigest[:])
+		}
+		if err != nil {
+			fmt.Println("err", err)
+			time.Sleep(5 * time.Millisecond)
+			continue
+		}
+		fmt.Printf("sig %x\n", sig)
+	}
 }
 
 // slotOfToken finds the slot of the token labelled label.
@@ -458,5 +518,164 @@ func waitFor(t *testing.T, what string, cond func() bool) {
 			t.Fatalf("waiting for %s: timed out", what)
 		}
 		time.Sleep(10 * time.Millisecond)
+	}
+}
+
+// TestPKCS11SignOnTheCard: Login and Sign run card-side, through pcscd and
+// OpenSC, for a PKCS#11 client of slotwatch and for a D-Bus client; the
+// signatures verify with the card's key.
+func TestPKCS11SignOnTheCard(t *testing.T) {
+	pcscd := stack.StartPCSCDForTest(t, stack.PCSCDConfig{Socket: pcscSocket})
+	bus := stack.StartDBusForTest(t, "")
+	sock := p11Socket(t)
+	startDaemon(t, bus, nil, "--module", stack.OpenSCModule, "--pkcs11-socket", sock)
+	prof := vcard.Profile{Label: "Signing Card", Serial: "5e9c0001"}
+	card := vcard.New(pcscd.Addr(0), prof)
+	t.Cleanup(func() { card.Close() })
+	if err := card.Insert(); err != nil {
+		t.Fatal(err)
+	}
+	conn := dial(t, bus)
+	var tok godbus.ObjectPath
+	waitFor(t, "the card's token on the bus", func() bool {
+		for p, ifs := range managedObjects(t, conn) {
+			if ifs[tokIface]["Label"].Value() == prof.Label {
+				tok = p
+				return true
+			}
+		}
+		return false
+	})
+
+	dir := t.TempDir()
+	digest := sha256.Sum256([]byte("signed on the virtual card"))
+	in, sigFile := filepath.Join(dir, "in"), filepath.Join(dir, "sig")
+	if err := os.WriteFile(in, digest[:], 0o600); err != nil {
+		t.Fatal(err)
+	}
+	out, err := pkcs11Tool(t, sock, "--token-label", prof.Label, "--login", "--pin", vcard.ProfilePIN(prof),
+		"--sign", "--mechanism", "ECDSA", "--id", vcard.KeyIDHex, "-i", in, "-o", sigFile)
+	if err != nil {
+		t.Fatalf("pkcs11-tool --sign through slotwatch on the card: %v\n%s", err, out)
+	}
+	sig, err := os.ReadFile(sigFile)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !verifiesWith(vcard.PublicKey(prof), digest[:], sig) {
+		t.Fatalf("pkcs11-tool's signature (%x) does not verify with the card's key", sig)
+	}
+
+	// The same over D-Bus.
+	sess := openSession(t, conn, tok)
+	if err := conn.Object(busName, sess).Call(sesIface+".Login", 0, uint32(1), []byte(vcard.ProfilePIN(prof))).Err; err != nil {
+		t.Fatalf("Login on the card: %v", err)
+	}
+	var dsig []byte
+	if err := conn.Object(busName, sess).Call(sesIface+".Sign", 0, vcard.KeyID(), uint32(ckmECDSA), digest[:]).Store(&dsig); err != nil {
+		t.Fatalf("Sign on the card: %v", err)
+	}
+	if !verifiesWith(vcard.PublicKey(prof), digest[:], dsig) {
+		t.Fatalf("the D-Bus signature (%x) does not verify with the card's key", dsig)
+	}
+}
+
+// verifiesWith checks an r||s signature.
+func verifiesWith(pk *ecdsa.PublicKey, digest, sig []byte) bool {
+	if len(sig) != 64 {
+		return false
+	}
+	return ecdsa.Verify(pk, digest, new(big.Int).SetBytes(sig[:32]), new(big.Int).SetBytes(sig[32:]))
+}
+
+// TestPKCS11RapidReplugNeverSignsWithTheWrongCard: a client signs in a
+// loop on card A's session while cards A and B are swapped in the reader
+// again and again; every signature it gets verifies with A's key, none
+// comes after A was first pulled (its session died with it, also when A
+// comes back), and slotwatch stays up.
+func TestPKCS11RapidReplugNeverSignsWithTheWrongCard(t *testing.T) {
+	pcscd := stack.StartPCSCDForTest(t, stack.PCSCDConfig{Socket: pcscSocket})
+	bus := stack.StartDBusForTest(t, "")
+	sock := p11Socket(t)
+	startDaemon(t, bus, nil, "--module", stack.OpenSCModule, "--pkcs11-socket", sock)
+	a := vcard.Profile{Label: "CardA", Serial: "a0a0a0a1"} // no blank: signloop's arguments are split on one
+	b := vcard.Profile{Label: "CardB", Serial: "b0b0b0b1"}
+	card := vcard.New(pcscd.Addr(0), a)
+	t.Cleanup(func() { card.Close() })
+	obs := stack.NewObserverForTest(t, pcscd)
+	reader := pcscd.Readers()[0]
+	if err := card.Insert(); err != nil {
+		t.Fatal(err)
+	}
+	client := startP11Client(t, sock)
+	var ans string
+	waitFor(t, "card A's token through slotwatch", func() bool {
+		// "error no token" until slotwatch shows the card.
+		ans = client.do(t, "signloop "+a.Label+" "+vcard.ProfilePIN(a))
+		return ans == "signing"
+	})
+
+	var sigs, errs int
+	var lastErr string
+	pulled := false
+	read := func(until time.Time) {
+		for time.Now().Before(until) {
+			select {
+			case l, ok := <-client.lines:
+				if !ok {
+					t.Fatal("the client exited")
+				}
+				switch {
+				case strings.HasPrefix(l, "sig "):
+					sig, err := hex.DecodeString(strings.TrimPrefix(l, "sig "))
+					if err != nil || !verifiesWith(vcard.PublicKey(a), loopDigest[:], sig) {
+						t.Fatalf("a signature that card A did not make: %s", l)
+					}
+					if pulled {
+						t.Fatalf("a signature on A's session after A was pulled: %s", l)
+					}
+					sigs++
+				case strings.HasPrefix(l, "err "):
+					errs++
+					lastErr = l
+				}
+			case <-time.After(time.Until(until)):
+				return
+			}
+		}
+	}
+	read(time.Now().Add(300 * time.Millisecond))
+	if sigs == 0 {
+		t.Fatalf("no signature from card A before the swaps (%d errors, last %q)", errs, lastErr)
+	}
+	for i := range 6 {
+		next := b
+		if i%2 == 1 {
+			next = a
+		}
+		if err := card.Remove(); err != nil {
+			t.Fatal(err)
+		}
+		if _, err := obs.WaitFor(reader, func(c stack.ObservedChange) bool { return !c.Present }, 10*time.Second); err != nil {
+			t.Fatal(err)
+		}
+		pulled = true
+		card.SetProfile(next)
+		if err := card.Insert(); err != nil {
+			t.Fatal(err)
+		}
+		if _, err := obs.WaitFor(reader, func(c stack.ObservedChange) bool { return c.Present }, 10*time.Second); err != nil {
+			t.Fatal(err)
+		}
+		read(time.Now().Add(200 * time.Millisecond))
+	}
+	fmt.Fprintln(client.stdin, "stop")
+	read(time.Now().Add(500 * time.Millisecond))
+	t.Logf("%d signatures from card A before the first pull, %d refusals after it (last: %s)", sigs, errs, lastErr)
+	if errs == 0 {
+		t.Fatal("no refusal after card A was pulled")
+	}
+	if out, err := pkcs11Tool(t, sock, "-L"); err != nil {
+		t.Fatalf("slotwatch after the swaps: %v\n%s", err, out)
 	}
 }
