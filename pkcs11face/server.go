@@ -20,19 +20,25 @@ import (
 type Options struct {
 	Logger  *slog.Logger
 	Version string // slotwatch's version, for C_GetInfo
+	// MaxConnections bounds the clients served at once (each costs a
+	// subscription to the monitor and a few goroutines); one more is
+	// closed at once, and said so in the log. Default 256.
+	MaxConnections int
 }
 
 // Server serves the PKCS#11 face on a listener: each connection is a
 // broker caller, like a D-Bus connection.
 type Server struct {
-	b     *broker.Broker
-	mon   *monitor.Monitor
-	log   *slog.Logger
-	ver   string
-	slots *slotTable
+	b        *broker.Broker
+	mon      *monitor.Monitor
+	log      *slog.Logger
+	ver      string
+	slots    *slotTable
+	maxConns int
 
-	mu     sync.Mutex // guards conns, nextID
+	mu     sync.Mutex // guards conns, active, nextID
 	conns  map[*conn]struct{}
+	active int    // connections being served (MaxConnections)
 	nextID uint64 // connections so far
 
 	wg sync.WaitGroup
@@ -43,8 +49,10 @@ func New(b *broker.Broker, mon *monitor.Monitor, opts Options) *Server {
 	if opts.Logger == nil {
 		opts.Logger = slog.New(slog.DiscardHandler)
 	}
-	return &Server{b: b, mon: mon, log: opts.Logger, ver: opts.Version, slots: newSlotTable(),
-		conns: map[*conn]struct{}{}}
+	if opts.MaxConnections <= 0 {
+		opts.MaxConnections = 256
+	}
+	return &Server{b: b, mon: mon, log: opts.Logger, ver: opts.Version, slots: newSlotTable(), maxConns: opts.MaxConnections}
 }
 
 // Serve accepts connections until ctx ends or l fails, then closes l and
@@ -90,20 +98,27 @@ func (s *Server) serveConn(ctx context.Context, uc *net.UnixConn) {
 		s.log.Warn("pkcs11 socket: connection from another user refused", "uid", uid, "pid", pid)
 		return
 	}
+	s.mu.Lock()
+	full := s.active >= s.maxConns
+	if !full {
+		s.active++
+	}
+	s.mu.Unlock()
+	if full {
+		s.log.Warn("pkcs11 socket: too many clients; connection closed", "pid", pid, "max", s.maxConns)
+		return
+	}
+	defer func() {
+		s.mu.Lock()
+		s.active--
+		s.mu.Unlock()
+	}()
 	caller := broker.ProcessCaller(s.callerID(pid), uid, pid)
 	s.b.Join(caller)
 	defer s.b.Leave(caller.ID)
 	ctx, cancel := context.WithCancel(ctx)
 	defer cancel()
 	c := &conn{srv: s, caller: caller, events: watchSlots(ctx, s.mon, s.slots), finds: map[pkcs11.SessionHandle]*findState{}}
-	s.mu.Lock()
-	s.conns[c] = struct{}{}
-	s.mu.Unlock()
-	defer func() {
-		s.mu.Lock()
-		delete(s.conns, c)
-		s.mu.Unlock()
-	}()
 	s.log.Info("pkcs11 client connected", "caller", caller.String())
 	err = c.serve(ctx, uc)
 	s.log.Info("pkcs11 client left", "caller", caller.ID, "err", err)

@@ -200,6 +200,15 @@ func TestHelperPKCS11ClientProcess(t *testing.T) {
 			// reopened: a stale session must never sign on another card.
 			label, pin, _ := strings.Cut(arg, " ")
 			signLoop(p, label, pin, in)
+		case "closeh":
+			// closeh H: C_CloseSession on a handle the test names
+			// (another client's, in the attack tests).
+			h, _ := strconv.ParseUint(arg, 10, 64)
+			if err := p.CloseSession(pkcs11.SessionHandle(h)); err != nil {
+				fmt.Println("error", err)
+				continue
+			}
+			fmt.Println("closed")
 		case "slots":
 			slots, err := p.GetSlotList(true)
 			if err != nil {
@@ -677,5 +686,34 @@ func TestPKCS11RapidReplugNeverSignsWithTheWrongCard(t *testing.T) {
 	}
 	if out, err := pkcs11Tool(t, sock, "-L"); err != nil {
 		t.Fatalf("slotwatch after the swaps: %v\n%s", err, out)
+	}
+}
+
+// TestPKCS11StrangersSessions: session handles are small numbers; a client
+// that names another client's session (to close it, to use it) gets
+// CKR_SESSION_HANDLE_INVALID, and the owner's session stays.
+func TestPKCS11StrangersSessions(t *testing.T) {
+	bus, sock := p11Daemon(t)
+	owner, stranger := startP11Client(t, sock), startP11Client(t, sock)
+	ans := owner.do(t, "open "+hsmLabel)
+	h, ok := strings.CutPrefix(ans, "session ")
+	if !ok {
+		t.Fatalf("owner's open: %q", ans)
+	}
+	if ans := stranger.do(t, "closeh "+h); !strings.Contains(ans, "CKR_SESSION_HANDLE_INVALID") {
+		t.Fatalf("a stranger closing the owner's session %s: %q, want CKR_SESSION_HANDLE_INVALID", h, ans)
+	}
+	conn := dial(t, bus)
+	n := 0
+	for _, ifs := range managedObjects(t, conn) {
+		if _, ok := ifs[sesIface]; ok {
+			n++
+		}
+	}
+	if n != 1 {
+		t.Fatalf("%d sessions on the bus after the stranger's attempt, want the owner's 1", n)
+	}
+	if ans := owner.do(t, "closeh "+h); ans != "closed" {
+		t.Fatalf("the owner closing its session: %q", ans)
 	}
 }
