@@ -98,6 +98,7 @@ install: build
 	$(INSTALL) -m 0644 bin/packaging/slotwatch.service "$(DESTDIR)$(USERUNITDIR)/slotwatch.service"
 	sed -e 's|@bindir@|$(BINDIR)|g' packaging/gnome/slotwatch-gnome.service > bin/packaging/slotwatch-gnome.service
 	$(INSTALL) -m 0644 bin/packaging/slotwatch-gnome.service "$(DESTDIR)$(USERUNITDIR)/slotwatch-gnome.service"
+	$(INSTALL) -m 0644 packaging/slotwatch-pkcs11.socket "$(DESTDIR)$(USERUNITDIR)/slotwatch-pkcs11.socket"
 	$(INSTALL) -m 0644 packaging/io.github.slotwatch.Slotwatch1.service \
 		"$(DESTDIR)$(DATADIR)/dbus-1/services/io.github.slotwatch.Slotwatch1.service"
 	$(if $(INTERFACE_XML),$(INSTALL) -m 0644 $(INTERFACE_XML) "$(DESTDIR)$(DATADIR)/dbus-1/interfaces/")

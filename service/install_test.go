@@ -168,6 +168,21 @@ func TestInstall(t *testing.T) {
 
 	t.Run("systemd-analyze", func(t *testing.T) { verifyUnitForInstallTest(t, "slotwatch.service", unitText, bin) })
 	t.Run("systemd-analyze-gnome", func(t *testing.T) { verifyUnitForInstallTest(t, "slotwatch-gnome.service", gnomeText, bin) })
+	socketText, err := os.ReadFile(filepath.Join(dest, "usr/lib/systemd/user/slotwatch-pkcs11.socket"))
+	if err != nil {
+		t.Fatalf("make install did not install the PKCS#11 socket unit: %v", err)
+	}
+	if !strings.Contains(string(socketText), "FileDescriptorName=pkcs11") {
+		t.Errorf("the socket unit does not name its socket pkcs11, which slotwatch serve looks for")
+	}
+	t.Run("systemd-analyze-socket", func(t *testing.T) {
+		verifyUnitForInstallTest(t, "slotwatch-pkcs11.socket", string(socketText), bin, "slotwatch.service", unitText)
+	})
+	for _, f := range []string{"slotwatch.module", "60-slotwatch-pkcs11.conf"} {
+		if _, err := os.Stat(filepath.Join(dest, "usr/share/slotwatch/pkcs11", f)); err != nil {
+			t.Errorf("make install did not install %s: %v", f, err)
+		}
+	}
 	t.Run("dbus-daemon", func(t *testing.T) { checkActivatableForInstallTest(t, filepath.Dir(actPath)) })
 }
 
@@ -317,7 +332,7 @@ func parseIniForInstallTest(t *testing.T, name, text string, strict bool) map[st
 // there outside DESTDIR, so the copy verified runs the staged binary; any
 // complaint about the unit (unknown key, unparsable value, bad ExecStart)
 // fails the test.
-func verifyUnitForInstallTest(t *testing.T, name, unitText, bin string) {
+func verifyUnitForInstallTest(t *testing.T, name, unitText, bin string, others ...string) {
 	sa, err := exec.LookPath("systemd-analyze")
 	if err != nil {
 		t.Skip("systemd-analyze is not installed; the unit is not verified")
@@ -327,6 +342,13 @@ func verifyUnitForInstallTest(t *testing.T, name, unitText, bin string) {
 	text := strings.Replace(unitText, "ExecStart=/usr/bin/slotwatch ", "ExecStart="+bin+" ", 1)
 	if err := os.WriteFile(unit, []byte(text), 0o644); err != nil {
 		t.Fatal(err)
+	}
+	// Units it refers to (a socket's service), as name, text pairs.
+	for i := 0; i+1 < len(others); i += 2 {
+		text := strings.Replace(others[i+1], "ExecStart=/usr/bin/slotwatch ", "ExecStart="+bin+" ", 1)
+		if err := os.WriteFile(filepath.Join(dir, others[i]), []byte(text), 0o644); err != nil {
+			t.Fatal(err)
+		}
 	}
 	runDir := filepath.Join(dir, "runtime") // a user manager needs XDG_RUNTIME_DIR
 	if err := os.Mkdir(runDir, 0o700); err != nil {

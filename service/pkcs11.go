@@ -4,6 +4,9 @@ import (
 	"context"
 	"flag"
 	"log/slog"
+	"net"
+
+	"github.com/coreos/go-systemd/v22/activation"
 
 	"github.com/slotwatch/slotwatch/broker"
 	"github.com/slotwatch/slotwatch/monitor"
@@ -23,11 +26,18 @@ type pkcs11Face struct {
 // too, and the face is off.
 func startPKCS11Face(path string, given bool, br *broker.Broker, mon *monitor.Monitor, logger *slog.Logger) *pkcs11Face {
 	f := &pkcs11Face{}
+	l := activatedSocket(logger)
+	if l != nil {
+		path = l.Addr().String()
+	}
 	if path == "" {
 		logger.Info("PKCS#11 face off (no --pkcs11-socket, no XDG_RUNTIME_DIR)")
 		return f
 	}
-	l, err := pkcs11face.Listen(path)
+	var err error
+	if l == nil {
+		l, err = pkcs11face.Listen(path)
+	}
 	if err != nil {
 		level := slog.LevelWarn
 		if given {
@@ -68,4 +78,25 @@ func flagGiven(fs *flag.FlagSet, name string) bool {
 		}
 	})
 	return given
+}
+
+// activatedSocket returns the PKCS#11 socket systemd passed (socket
+// activation, packaging/slotwatch-pkcs11.socket: FileDescriptorName=pkcs11),
+// nil if there is none. systemd made it with the unit's modes; slotwatch
+// serves it as its own.
+func activatedSocket(logger *slog.Logger) *net.UnixListener {
+	named, err := activation.ListenersWithNames()
+	if err != nil {
+		logger.Warn("socket activation: cannot use the sockets systemd passed", "err", err)
+		return nil
+	}
+	for _, l := range named["pkcs11"] {
+		if ul, ok := l.(*net.UnixListener); ok {
+			// The file belongs to the socket unit: leave it when we stop.
+			ul.SetUnlinkOnClose(false)
+			return ul
+		}
+		l.Close()
+	}
+	return nil
 }

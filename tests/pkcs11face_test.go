@@ -10,6 +10,7 @@ import (
 	"fmt"
 	"io"
 	"math/big"
+	"net"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -715,5 +716,76 @@ func TestPKCS11StrangersSessions(t *testing.T) {
 	}
 	if ans := owner.do(t, "closeh "+h); ans != "closed" {
 		t.Fatalf("the owner closing its session: %q", ans)
+	}
+}
+
+// TestPKCS11SocketActivation: given its socket by a service manager
+// (LISTEN_FDS, FileDescriptorName=pkcs11, as packaging's
+// slotwatch-pkcs11.socket does), slotwatch serves the PKCS#11 face on it,
+// and leaves the socket file, which is the manager's, when it stops.
+func TestPKCS11SocketActivation(t *testing.T) {
+	hsm, err := stack.NewSoftHSM(t.TempDir())
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := hsm.InitToken(hsmLabel, hsmSO, hsmPIN); err != nil {
+		t.Fatal(err)
+	}
+	bus := stack.StartDBusForTest(t, "")
+	sock := p11Socket(t)
+	l, err := net.ListenUnix("unix", &net.UnixAddr{Name: sock, Net: "unix"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	l.SetUnlinkOnClose(false)
+	f, err := l.File()
+	l.Close()
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	// LISTEN_PID must be the daemon's own pid: the shell's, which exec
+	// hands on.
+	cmd := exec.Command("sh", "-c", `LISTEN_PID=$$ LISTEN_FDS=1 LISTEN_FDNAMES=pkcs11 exec "$0" "$@"`,
+		slotwatchBin(t), "serve", "--address", bus.Address, "--module", stack.SoftHSMModule, "--no-pcsc")
+	cmd.ExtraFiles = []*os.File{f}
+	rt, err := os.MkdirTemp(testDir, "rt-")
+	if err != nil {
+		t.Fatal(err)
+	}
+	cmd.Env = append(os.Environ(), append(hsm.Env(), "XDG_RUNTIME_DIR="+rt,
+		"DBUS_SYSTEM_BUS_ADDRESS=unix:path="+filepath.Join(t.TempDir(), "no-system-bus"))...)
+	out := &lockedBuffer{}
+	cmd.Stdout, cmd.Stderr = out, out
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	exited := make(chan struct{})
+	go func() { cmd.Wait(); close(exited) }()
+	stop := func() {
+		cmd.Process.Signal(syscall.SIGTERM)
+		select {
+		case <-exited:
+		case <-time.After(5 * time.Second):
+			cmd.Process.Kill()
+			<-exited
+			t.Errorf("slotwatch serve did not stop within 5 s of SIGTERM")
+		}
+	}
+	t.Cleanup(stop)
+	// A client may connect before the daemon is up: the socket queues it.
+	o, err := pkcs11Tool(t, sock, "-L")
+	if err != nil || !strings.Contains(o, hsmLabel) {
+		t.Fatalf("pkcs11-tool -L on the activated socket: %v\n%s\n--- slotwatch:\n%s", err, o, out.String())
+	}
+	if !strings.Contains(out.String(), "PKCS#11 face") {
+		t.Errorf("the daemon did not say it serves the PKCS#11 face:\n%s", out.String())
+	}
+	if _, err := os.Stat(filepath.Join(rt, "slotwatch", "pkcs11")); err == nil {
+		t.Errorf("the daemon made its own socket as well as serving the activated one")
+	}
+	stop()
+	if st, err := os.Stat(sock); err != nil || st.Mode().Type() != os.ModeSocket {
+		t.Errorf("the activated socket file is gone after the daemon stopped: %v", err)
 	}
 }
