@@ -68,6 +68,7 @@ func BenchmarkPKCS11Face(b *testing.B) {
 	}
 	b.Cleanup(func() { os.Unsetenv("P11_KIT_SERVER_ADDRESS") })
 
+	var stepInit, stepFind, stepOpen []float64 // slotwatch's first sessions, by step, in ms
 	firstSession := func(socket string) time.Duration {
 		p := load(socket)
 		defer p.Destroy()
@@ -75,12 +76,18 @@ func BenchmarkPKCS11Face(b *testing.B) {
 		if err := p.Initialize(); err != nil {
 			b.Fatal(err)
 		}
+		t1 := time.Now()
 		slot := tokenSlot(b, p)
+		t2 := time.Now()
 		h, err := p.OpenSession(slot, pkcs11.CKF_SERIAL_SESSION)
 		if err != nil {
 			b.Fatal(err)
 		}
 		took := time.Since(start)
+		if socket == ours {
+			ms := func(d time.Duration) float64 { return d.Seconds() * 1000 }
+			stepInit, stepFind, stepOpen = append(stepInit, ms(t1.Sub(start))), append(stepFind, ms(t2.Sub(t1))), append(stepOpen, ms(took-t2.Sub(start)))
+		}
 		p.CloseSession(h)
 		p.Finalize()
 		return took
@@ -166,6 +173,9 @@ func BenchmarkPKCS11Face(b *testing.B) {
 	b.ReportMetric(median(firstOurs), "first-session-ms")
 	b.ReportMetric(median(firstTheirs), "first-session-p11kit-ms")
 	b.ReportMetric(median(firstRatio), "first-session/p11kit")
+	b.ReportMetric(median(stepInit), "first-session-initialize-ms")
+	b.ReportMetric(median(stepFind), "first-session-slots-tokens-ms")
+	b.ReportMetric(median(stepOpen), "first-session-open-ms")
 	b.ReportMetric(median(rtOurs), "roundtrips/s")
 	b.ReportMetric(median(rtRatio), "roundtrips/p11kit")
 	b.ReportMetric(median(rtDirect), "roundtrips/direct")
