@@ -20,12 +20,12 @@ type Caller struct {
 	ID        string // ":1.42" on D-Bus; unique for the daemon's life
 	UID       uint32
 	PID       uint32 // 0 if unknown
-	Command   string // the process's command line, "" if unknown
+	Command   string // the process's program (argv[0], no arguments), "" if unknown
 	StartTime uint64 // the process's start time in clock ticks since boot (/proc/PID/stat), 0 if unknown
 }
 
 // ProcessCaller returns the Caller with id for the process pid of user uid,
-// with its command line and start time read from /proc (left empty when the
+// with its program and start time read from /proc (left empty when the
 // process is gone or unreadable).
 func ProcessCaller(id string, uid, pid uint32) Caller {
 	c := Caller{ID: id, UID: uid, PID: pid}
@@ -33,7 +33,11 @@ func ProcessCaller(id string, uid, pid uint32) Caller {
 		return c
 	}
 	if b, err := os.ReadFile(fmt.Sprintf("/proc/%d/cmdline", pid)); err == nil {
-		c.Command = strings.TrimSpace(string(bytes.ReplaceAll(bytes.TrimRight(b, "\x00"), []byte{0}, []byte{' '})))
+		// The program only, not its arguments: a command line may hold
+		// secrets (pkcs11-tool --pin 1234), and Command goes to the log
+		// and, naming a holder, to other clients.
+		prog, _, _ := bytes.Cut(b, []byte{0})
+		c.Command = strings.TrimSpace(string(prog))
 	}
 	c.StartTime = processStartTime(pid)
 	return c

@@ -145,3 +145,36 @@ func (b *Broker) notGiven(h *held, c Caller, handles []pkcs11.ObjectHandle) (pkc
 	}
 	return 0, true
 }
+
+// InitPIN is C_InitPIN on c's session id; SetPIN is C_SetPIN. Both are
+// refused while another caller owns the token's login (C_InitPIN needs the
+// SO's login, C_SetPIN changes the logged-in user's PIN: neither is c's to
+// use then). The broker reads the PINs and does not keep or wipe them: the
+// face owns the buffers.
+func (b *Broker) InitPIN(c Caller, id uint64, pin []byte) error {
+	return b.pinCall(c, id, "C_InitPIN", func(h *held, s *session) error { return h.mod.InitPIN(s.modID, pin) }, pin)
+}
+
+// SetPIN: see InitPIN.
+func (b *Broker) SetPIN(c Caller, id uint64, oldPIN, newPIN []byte) error {
+	return b.pinCall(c, id, "C_SetPIN", func(h *held, s *session) error { return h.mod.SetPIN(s.modID, oldPIN, newPIN) }, oldPIN, newPIN)
+}
+
+func (b *Broker) pinCall(c Caller, id uint64, fn string, call func(h *held, s *session) error, pins ...[]byte) error {
+	h, s, end, err := b.begin(c, id, false, func() error {
+		for _, p := range pins {
+			if len(p) > maxPIN {
+				return errorf(ErrInvalidArgument, "%s: a PIN must be at most %d bytes, got %d", fn, maxPIN, len(p))
+			}
+		}
+		return nil
+	})
+	if err != nil {
+		return err
+	}
+	defer end()
+	if b.loggedInByOther(h, c) {
+		return errorf(ErrNotLoggedIn, "%s: the token is logged in by another client", fn)
+	}
+	return call(h, s)
+}

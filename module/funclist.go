@@ -6,7 +6,7 @@ package module
 //     with SoftHSM delivers slot 0 at once, so a loop on it spins). The
 //     monitor needs the code: CKR_NO_EVENT, CKR_FUNCTION_NOT_SUPPORTED,
 //     CKR_CRYPTOKI_NOT_INITIALIZED after our own C_Finalize.
-//   - C_Login and C_InitToken: miekg takes PINs as Go strings and copies them
+//   - C_Login, C_InitToken, C_InitPIN and C_SetPIN: miekg takes PINs as Go strings and copies them
 //     into C.CString buffers it frees without wiping, so every login would
 //     leave copies of the PIN in the Go and C heaps. Here the module reads
 //     the caller's own byte slice directly; nothing is copied.
@@ -40,7 +40,9 @@ struct sw_funcs {
 	sw_rv (*C_GetFunctionList)(sw_funcs **list);
 	sw_unused C_GetSlotList, C_GetSlotInfo, C_GetTokenInfo, C_GetMechanismList, C_GetMechanismInfo;
 	sw_rv (*C_InitToken)(sw_ulong slot, unsigned char *so_pin, sw_ulong so_pin_len, unsigned char *label32);
-	sw_unused C_InitPIN, C_SetPIN, C_OpenSession, C_CloseSession, C_CloseAllSessions,
+	sw_rv (*C_InitPIN)(sw_ulong session, unsigned char *pin, sw_ulong pin_len);
+	sw_rv (*C_SetPIN)(sw_ulong session, unsigned char *old_pin, sw_ulong old_len, unsigned char *new_pin, sw_ulong new_len);
+	sw_unused C_OpenSession, C_CloseSession, C_CloseAllSessions,
 		C_GetSessionInfo, C_GetOperationState, C_SetOperationState;
 	sw_rv (*C_Login)(sw_ulong session, sw_ulong user_type, unsigned char *pin, sw_ulong pin_len);
 	sw_unused C_Logout, C_CreateObject, C_CopyObject, C_DestroyObject, C_GetObjectSize,
@@ -108,12 +110,24 @@ static sw_rv sw_init_token(sw_funcs *f, sw_ulong slot, unsigned char *pin, sw_ul
 	return f->C_InitToken(slot, pin, len, label32);
 }
 
+static sw_rv sw_init_pin(sw_funcs *f, sw_ulong session, unsigned char *pin, sw_ulong len) {
+	if (f->C_InitPIN == NULL) return SW_CKR_FUNCTION_NOT_SUPPORTED;
+	return f->C_InitPIN(session, pin, len);
+}
+
+static sw_rv sw_set_pin(sw_funcs *f, sw_ulong session, unsigned char *old_pin, sw_ulong old_len, unsigned char *new_pin, sw_ulong new_len) {
+	if (f->C_SetPIN == NULL) return SW_CKR_FUNCTION_NOT_SUPPORTED;
+	return f->C_SetPIN(session, old_pin, old_len, new_pin, new_len);
+}
+
 // sw_layout_ok cross-checks our struct against the symbols the library
 // exports, for the tests: same address at each position we call.
 static int sw_layout_ok(void *h, sw_funcs *f) {
 	return dlsym(h, "C_GetFunctionList") == (void *)f->C_GetFunctionList &&
 		dlsym(h, "C_InitToken") == (void *)f->C_InitToken &&
 		dlsym(h, "C_Login") == (void *)f->C_Login &&
+		dlsym(h, "C_InitPIN") == (void *)f->C_InitPIN &&
+		dlsym(h, "C_SetPIN") == (void *)f->C_SetPIN &&
 		dlsym(h, "C_WaitForSlotEvent") == (void *)f->C_WaitForSlotEvent;
 }
 */
@@ -204,6 +218,15 @@ func (r libRef) initToken(slot uint, soPIN []byte, label [32]byte) uint {
 		(*C.uchar)(unsafe.Pointer(&label[0]))))
 }
 
+func (r libRef) initPIN(h pkcs11.SessionHandle, pin []byte) uint {
+	return uint(C.sw_init_pin(r.fl, C.sw_ulong(h), bytesPtr(pin), C.sw_ulong(len(pin))))
+}
+
+func (r libRef) setPIN(h pkcs11.SessionHandle, oldPIN, newPIN []byte) uint {
+	return uint(C.sw_set_pin(r.fl, C.sw_ulong(h), bytesPtr(oldPIN), C.sw_ulong(len(oldPIN)), bytesPtr(newPIN), C.sw_ulong(len(newPIN))))
+}
+
 // layoutOK is for tests: does our function list struct put C_GetFunctionList,
-// C_InitToken, C_Login and C_WaitForSlotEvent where the library has them?
+// C_InitToken, C_InitPIN, C_SetPIN, C_Login and C_WaitForSlotEvent where the
+// library has them?
 func (r libRef) layoutOK() bool { return C.sw_layout_ok(r.h, r.fl) != 0 }

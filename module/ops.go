@@ -33,6 +33,34 @@ func (m *Module) Login(id uint64, userType uint, pin []byte) error {
 	})
 }
 
+// InitPIN is C_InitPIN: the SO sets the user's PIN. Like Login, the module
+// reads pin in place; it is not copied, logged or wiped here.
+func (m *Module) InitPIN(id uint64, pin []byte) error {
+	const fn = "C_InitPIN"
+	return m.withSession(fn, id, func(s *session) error {
+		if err := m.enter(fn, s); err != nil {
+			return err
+		}
+		start := time.Now()
+		rv := m.lib.initPIN(s.Handle, pin)
+		return m.result(fn, start, rvError(fn, rv), sessionAttrs(s), redactedAttr("pin", pin))
+	})
+}
+
+// SetPIN is C_SetPIN: the PIN of the user logged in (or the user's PIN)
+// changes from oldPIN to newPIN, read in place like Login's.
+func (m *Module) SetPIN(id uint64, oldPIN, newPIN []byte) error {
+	const fn = "C_SetPIN"
+	return m.withSession(fn, id, func(s *session) error {
+		if err := m.enter(fn, s); err != nil {
+			return err
+		}
+		start := time.Now()
+		rv := m.lib.setPIN(s.Handle, oldPIN, newPIN)
+		return m.result(fn, start, rvError(fn, rv), sessionAttrs(s), redactedAttr("old_pin", oldPIN), redactedAttr("new_pin", newPIN))
+	})
+}
+
 // Logout is C_Logout.
 func (m *Module) Logout(id uint64) error {
 	const fn = "C_Logout"

@@ -274,20 +274,16 @@ func (c *conn) GenerateRandom(_ context.Context, h pkcs11.SessionHandle, n int) 
 // anyway; this says so clearly).
 const maxRandom = 1 << 20
 
-// InitPIN needs the SO's login: refused while another client owns the
-// token's login (a MakesObjects call to the broker).
+// InitPIN and SetPIN pass the PINs as the client sent them, never as Go
+// strings (broker.InitPIN: the module reads them in place; the RPC layer
+// wipes the request afterwards). Refused while another client owns the
+// token's login.
 func (c *conn) InitPIN(_ context.Context, h pkcs11.SessionHandle, pin []byte) error {
-	return c.call(h, "C_InitPIN", broker.MakesObjects, nil, func(ctx *pkcs11.Ctx, sh pkcs11.SessionHandle) ([]pkcs11.ObjectHandle, error) {
-		return none(ctx.InitPIN(sh, string(pin)))
-	})
+	return asPKCS11(c.srv.b.InitPIN(c.caller, uint64(h), pin))
 }
 
-// SetPIN changes the PIN of the user logged in (or the user PIN): refused
-// while another client owns the login.
 func (c *conn) SetPIN(_ context.Context, h pkcs11.SessionHandle, oldPIN, newPIN []byte) error {
-	return c.call(h, "C_SetPIN", broker.MakesObjects, nil, func(ctx *pkcs11.Ctx, sh pkcs11.SessionHandle) ([]pkcs11.ObjectHandle, error) {
-		return none(ctx.SetPIN(sh, string(oldPIN), string(newPIN)))
-	})
+	return asPKCS11(c.srv.b.SetPIN(c.caller, uint64(h), oldPIN, newPIN))
 }
 
 func (c *conn) GetOperationState(_ context.Context, h pkcs11.SessionHandle) ([]byte, error) {

@@ -36,6 +36,13 @@ import (
 // socket.
 func p11Daemon(t *testing.T, extra ...string) (*stack.DBus, string) {
 	t.Helper()
+	bus, sock, _ := p11DaemonWith(t, extra...)
+	return bus, sock
+}
+
+// p11DaemonWith is p11Daemon, also returning the daemon.
+func p11DaemonWith(t *testing.T, extra ...string) (*stack.DBus, string, *daemon) {
+	t.Helper()
 	hsm, err := stack.NewSoftHSM(t.TempDir())
 	if err != nil {
 		t.Fatal(err)
@@ -48,8 +55,8 @@ func p11Daemon(t *testing.T, extra ...string) (*stack.DBus, string) {
 	}
 	bus := stack.StartDBusForTest(t, "")
 	sock := p11Socket(t)
-	startDaemon(t, bus, hsm.Env(), append([]string{"--module", stack.SoftHSMModule, "--no-pcsc", "--pkcs11-socket", sock}, extra...)...)
-	return bus, sock
+	d := startDaemon(t, bus, hsm.Env(), append([]string{"--module", stack.SoftHSMModule, "--no-pcsc", "--pkcs11-socket", sock}, extra...)...)
+	return bus, sock, d
 }
 
 // p11Socket is a socket path of the test's, short enough for sun_path.
@@ -787,5 +794,40 @@ func TestPKCS11SocketActivation(t *testing.T) {
 	stop()
 	if st, err := os.Stat(sock); err != nil || st.Mode().Type() != os.ModeSocket {
 		t.Errorf("the activated socket file is gone after the daemon stopped: %v", err)
+	}
+}
+
+// TestPKCS11PINs: C_SetPIN and C_InitPIN through slotwatch change the PIN
+// the token checks, and no PIN appears in the daemon's output, not even
+// with every PKCS#11 call logged.
+func TestPKCS11PINs(t *testing.T) {
+	_, sock, d := p11DaemonWith(t, "--log-calls")
+	tok := []string{"--token-label", hsmLabel}
+	const changed, reset = "135791", "864200"
+	out, err := pkcs11Tool(t, sock, append(tok, "--change-pin", "--pin", hsmPIN, "--new-pin", changed)...)
+	if err != nil {
+		t.Fatalf("pkcs11-tool --change-pin: %v\n%s", err, out)
+	}
+	if out, err := pkcs11Tool(t, sock, append(tok, "-O", "--login", "--pin", hsmPIN)...); err == nil {
+		t.Fatalf("the old PIN still logs in after C_SetPIN:\n%s", out)
+	}
+	if out, err := pkcs11Tool(t, sock, append(tok, "-O", "--login", "--pin", changed)...); err != nil {
+		t.Fatalf("the new PIN after C_SetPIN: %v\n%s", err, out)
+	}
+	out, err = pkcs11Tool(t, sock, append(tok, "--init-pin", "--login", "--login-type", "so", "--so-pin", hsmSO, "--new-pin", reset)...)
+	if err != nil {
+		t.Fatalf("pkcs11-tool --init-pin: %v\n%s", err, out)
+	}
+	if out, err := pkcs11Tool(t, sock, append(tok, "-O", "--login", "--pin", reset)...); err != nil {
+		t.Fatalf("the PIN the SO set with C_InitPIN: %v\n%s", err, out)
+	}
+	logs := d.stderr.String()
+	for _, pin := range []string{hsmPIN, changed, reset, hsmSO} {
+		if strings.Contains(logs, pin) {
+			t.Errorf("PIN %q in the daemon's output", pin)
+		}
+	}
+	if !strings.Contains(logs, "C_SetPIN") || !strings.Contains(logs, "C_InitPIN") {
+		t.Errorf("the calls were not logged (so the PIN check proves nothing):\n%s", logs)
 	}
 }
