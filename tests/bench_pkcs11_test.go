@@ -6,7 +6,6 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
-	"slices"
 	"strings"
 	"syscall"
 	"testing"
@@ -24,16 +23,7 @@ import (
 // (C_GetSlotList + C_GetTokenInfo) and signatures (C_SignInit + C_Sign,
 // ECDSA P-256, logged in) per second. Ratios are medians over the rounds.
 func BenchmarkPKCS11Face(b *testing.B) {
-	hsm, err := stack.NewSoftHSM(b.TempDir())
-	if err != nil {
-		b.Fatal(err)
-	}
-	if err := hsm.InitToken(hsmLabel, hsmSO, hsmPIN); err != nil {
-		b.Fatal(err)
-	}
-	if err := hsm.GenerateECKey(hsmLabel, hsmPIN, "01", "signing key"); err != nil {
-		b.Fatal(err)
-	}
+	hsm := hsmStore(b)
 	for _, kv := range hsm.Env() {
 		k, v, _ := strings.Cut(kv, "=")
 		b.Setenv(k, v) // direct loading, in this process
@@ -125,15 +115,7 @@ func BenchmarkPKCS11Face(b *testing.B) {
 	clients := map[string]*client{"slotwatch": open(ours), "p11-kit": open(theirs), "direct": open("")}
 	digest := sha256.Sum256([]byte("bench"))
 	const calls = 500
-	rate := func(f func() error) float64 {
-		start := time.Now()
-		for range calls {
-			if err := f(); err != nil {
-				b.Fatal(err)
-			}
-		}
-		return calls / time.Since(start).Seconds()
-	}
+	rate := func(f func() error) float64 { return callRate(b, calls, f) }
 	roundTrip := func(c *client) func() error {
 		return func() error {
 			if _, err := c.p.GetSlotList(true); err != nil {
@@ -165,11 +147,6 @@ func BenchmarkPKCS11Face(b *testing.B) {
 		signOurs, signRatio, signDirect = append(signOurs, sO), append(signRatio, sO/sT), append(signDirect, sO/sD)
 	}
 	b.StopTimer()
-	median := func(v []float64) float64 {
-		v = slices.Clone(v)
-		slices.Sort(v)
-		return v[len(v)/2]
-	}
 	b.ReportMetric(median(firstOurs), "first-session-ms")
 	b.ReportMetric(median(firstTheirs), "first-session-p11kit-ms")
 	b.ReportMetric(median(firstRatio), "first-session/p11kit")

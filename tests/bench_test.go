@@ -170,15 +170,7 @@ func BenchmarkDBusCalls(b *testing.B) {
 	tokObj := client.Object(busName, tok)
 
 	const calls = 2000
-	rate := func(f func() error) float64 {
-		start := time.Now()
-		for range calls {
-			if err := f(); err != nil {
-				b.Fatal(err)
-			}
-		}
-		return calls / time.Since(start).Seconds()
-	}
+	rate := func(f func() error) float64 { return callRate(b, calls, f) }
 	// Each round measures the echo floor right before the two figures, and
 	// the ratios are the medians over the rounds: on a noisy 2-core machine
 	// one round's rates swing by a third.
@@ -205,11 +197,6 @@ func BenchmarkDBusCalls(b *testing.B) {
 		openProcRatios = append(openProcRatios, openRate/echoProcRate)
 	}
 	b.StopTimer()
-	median := func(v []float64) float64 {
-		v = slices.Clone(v)
-		slices.Sort(v)
-		return v[len(v)/2]
-	}
 	b.ReportMetric(median(echoRates), "echo-calls/s")
 	b.ReportMetric(median(getRatios), "get/echo")
 	b.ReportMetric(median(openRatios), "open+close/echo")
@@ -425,4 +412,23 @@ func ctxSwitches(b *testing.B, pid int) int {
 		}
 	}
 	return total
+}
+
+// callRate runs f n times and returns the calls per second, failing the
+// benchmark on an error.
+func callRate(b *testing.B, n int, f func() error) float64 {
+	start := time.Now()
+	for range n {
+		if err := f(); err != nil {
+			b.Fatal(err)
+		}
+	}
+	return float64(n) / time.Since(start).Seconds()
+}
+
+// median is the median of v (the upper one for an even count).
+func median(v []float64) float64 {
+	v = slices.Clone(v)
+	slices.Sort(v)
+	return v[len(v)/2]
 }

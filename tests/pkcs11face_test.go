@@ -43,16 +43,7 @@ func p11Daemon(t *testing.T, extra ...string) (*stack.DBus, string) {
 // p11DaemonWith is p11Daemon, also returning the daemon.
 func p11DaemonWith(t *testing.T, extra ...string) (*stack.DBus, string, *daemon) {
 	t.Helper()
-	hsm, err := stack.NewSoftHSM(t.TempDir())
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := hsm.InitToken(hsmLabel, hsmSO, hsmPIN); err != nil {
-		t.Fatal(err)
-	}
-	if err := hsm.GenerateECKey(hsmLabel, hsmPIN, "01", "signing key"); err != nil {
-		t.Fatal(err)
-	}
+	hsm := hsmStore(t)
 	bus := stack.StartDBusForTest(t, "")
 	sock := p11Socket(t)
 	d := startDaemon(t, bus, hsm.Env(), append([]string{"--module", stack.SoftHSMModule, "--no-pcsc", "--pkcs11-socket", sock}, extra...)...)
@@ -731,13 +722,7 @@ func TestPKCS11StrangersSessions(t *testing.T) {
 // slotwatch-pkcs11.socket does), slotwatch serves the PKCS#11 face on it,
 // and leaves the socket file, which is the manager's, when it stops.
 func TestPKCS11SocketActivation(t *testing.T) {
-	hsm, err := stack.NewSoftHSM(t.TempDir())
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := hsm.InitToken(hsmLabel, hsmSO, hsmPIN); err != nil {
-		t.Fatal(err)
-	}
+	hsm := hsmStore(t)
 	bus := stack.StartDBusForTest(t, "")
 	sock := p11Socket(t)
 	l, err := net.ListenUnix("unix", &net.UnixAddr{Name: sock, Net: "unix"})

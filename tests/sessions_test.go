@@ -28,6 +28,16 @@ const (
 // EC key, and slotwatch serving it.
 func hsmDaemon(t *testing.T) (*stack.DBus, *daemon) {
 	t.Helper()
+	hsm := hsmStore(t)
+	bus := stack.StartDBusForTest(t, "")
+	d := startDaemon(t, bus, hsm.Env(), "--module", stack.SoftHSMModule, "--no-pcsc")
+	return bus, d
+}
+
+// hsmStore makes a SoftHSM2 store with the tests' token (hsmLabel, its SO
+// PIN and PIN) holding one EC P-256 key pair, id 01, "signing key".
+func hsmStore(t testing.TB) *stack.SoftHSM {
+	t.Helper()
 	hsm, err := stack.NewSoftHSM(t.TempDir())
 	if err != nil {
 		t.Fatal(err)
@@ -38,9 +48,7 @@ func hsmDaemon(t *testing.T) (*stack.DBus, *daemon) {
 	if err := hsm.GenerateECKey(hsmLabel, hsmPIN, "01", "signing key"); err != nil {
 		t.Fatal(err)
 	}
-	bus := stack.StartDBusForTest(t, "")
-	d := startDaemon(t, bus, hsm.Env(), "--module", stack.SoftHSMModule, "--no-pcsc")
-	return bus, d
+	return hsm
 }
 
 func openSession(t *testing.T, conn *godbus.Conn, tok godbus.ObjectPath) godbus.ObjectPath {
