@@ -199,6 +199,49 @@ func TestHelperPKCS11ClientProcess(t *testing.T) {
 			// reopened: a stale session must never sign on another card.
 			label, pin, _ := strings.Cut(arg, " ")
 			signLoop(p, label, pin, in)
+		case "closeall":
+			// closeall LABEL: C_CloseAllSessions on token LABEL's slot.
+			slot, err := slotOfToken(p, arg)
+			if err == nil {
+				err = p.CloseAllSessions(slot)
+			}
+			if err != nil {
+				fmt.Println("error", err)
+				continue
+			}
+			fmt.Println("closed all")
+		case "login", "state", "privkeys":
+			// login H PIN, state H, privkeys H: on session H.
+			hs, pin, _ := strings.Cut(arg, " ")
+			hv, _ := strconv.ParseUint(hs, 10, 64)
+			h := pkcs11.SessionHandle(hv)
+			switch cmd {
+			case "login":
+				if err := p.Login(h, pkcs11.CKU_USER, pin); err != nil {
+					fmt.Println("error", err)
+					continue
+				}
+				fmt.Println("logged in")
+			case "state":
+				info, err := p.GetSessionInfo(h)
+				if err != nil {
+					fmt.Println("error", err)
+					continue
+				}
+				fmt.Println("state", info.State)
+			case "privkeys":
+				if err := p.FindObjectsInit(h, []*pkcs11.Attribute{pkcs11.NewAttribute(pkcs11.CKA_CLASS, pkcs11.CKO_PRIVATE_KEY)}); err != nil {
+					fmt.Println("error", err)
+					continue
+				}
+				keys, _, err := p.FindObjects(h, 16)
+				p.FindObjectsFinal(h)
+				if err != nil {
+					fmt.Println("error", err)
+					continue
+				}
+				fmt.Println("privkeys", len(keys))
+			}
 		case "closeh":
 			// closeh H: C_CloseSession on a handle the test names
 			// (another client's, in the attack tests).
@@ -817,5 +860,53 @@ func TestPKCS11PINs(t *testing.T) {
 	}
 	if !strings.Contains(logs, "C_SetPIN") || !strings.Contains(logs, "C_InitPIN") {
 		t.Errorf("the calls were not logged (so the PIN check proves nothing):\n%s", logs)
+	}
+}
+
+// TestPKCS11ConnectionsAreIndependent: two programs on one token —
+// C_CloseAllSessions closes the caller's own sessions only, and one
+// program's login neither logs the other's sessions in nor shows it the
+// private key.
+func TestPKCS11ConnectionsAreIndependent(t *testing.T) {
+	bus, sock := p11Daemon(t)
+	a, b := startP11Client(t, sock), startP11Client(t, sock)
+	ha, ok := strings.CutPrefix(a.do(t, "open "+hsmLabel), "session ")
+	if !ok {
+		t.Fatal("a's open failed")
+	}
+	hb, ok := strings.CutPrefix(b.do(t, "open "+hsmLabel), "session ")
+	if !ok {
+		t.Fatal("b's open failed")
+	}
+	if ans := a.do(t, "login "+ha+" "+hsmPIN); ans != "logged in" {
+		t.Fatalf("a's login: %q", ans)
+	}
+	if ans := a.do(t, "privkeys "+ha); ans != "privkeys 1" {
+		t.Fatalf("a's search for its private key: %q", ans)
+	}
+	if ans := b.do(t, "state "+hb); ans != fmt.Sprintf("state %d", pkcs11.CKS_RO_PUBLIC_SESSION) {
+		t.Fatalf("b's session under a's login: %q, want public", ans)
+	}
+	if ans := b.do(t, "privkeys "+hb); ans != "privkeys 0" {
+		t.Fatalf("b's search for private keys under a's login: %q, want none", ans)
+	}
+	if ans := b.do(t, "closeall "+hsmLabel); ans != "closed all" {
+		t.Fatalf("b's C_CloseAllSessions: %q", ans)
+	}
+	if ans := a.do(t, "privkeys "+ha); ans != "privkeys 1" {
+		t.Fatalf("a's session after b's C_CloseAllSessions: %q, want it open and logged in", ans)
+	}
+	if ans := b.do(t, "state "+hb); !strings.Contains(ans, "CKR_SESSION_HANDLE_INVALID") {
+		t.Fatalf("b's own session after its C_CloseAllSessions: %q, want closed", ans)
+	}
+	conn := dial(t, bus)
+	n := 0
+	for _, ifs := range managedObjects(t, conn) {
+		if _, ok := ifs[sesIface]; ok {
+			n++
+		}
+	}
+	if n != 1 {
+		t.Fatalf("%d sessions on the bus, want a's 1", n)
 	}
 }
