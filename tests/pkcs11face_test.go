@@ -14,6 +14,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"regexp"
 	"strconv"
 	"strings"
 	"syscall"
@@ -908,5 +909,37 @@ func TestPKCS11ConnectionsAreIndependent(t *testing.T) {
 	}
 	if n != 1 {
 		t.Fatalf("%d sessions on the bus, want a's 1", n)
+	}
+}
+
+// TestPKCS11NSS: NSS (Firefox's and Chromium's crypto library) loads
+// p11-kit-client.so as a module (modutil -add) and sees slotwatch's token
+// and, logged in, its private key (certutil -K).
+func TestPKCS11NSS(t *testing.T) {
+	_, sock := p11Daemon(t)
+	db := "sql:" + t.TempDir()
+	run := func(name string, args ...string) string {
+		t.Helper()
+		ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+		defer cancel()
+		cmd := exec.CommandContext(ctx, name, args...)
+		cmd.Env = append(os.Environ(), stack.P11KitServerEnv(sock))
+		out, err := cmd.CombinedOutput()
+		if err != nil {
+			t.Fatalf("%s %v: %v\n%s", name, args, err, out)
+		}
+		return string(out)
+	}
+	run("certutil", "-N", "-d", db, "--empty-password")
+	run("modutil", "-dbdir", db, "-add", "slotwatch", "-libfile", stack.P11KitClientModule, "-force")
+	if out := run("modutil", "-dbdir", db, "-list", "slotwatch"); !strings.Contains(out, hsmLabel) {
+		t.Fatalf("modutil -list does not show the token:\n%s", out)
+	}
+	pinFile := filepath.Join(t.TempDir(), "pin")
+	if err := os.WriteFile(pinFile, []byte(hsmPIN+"\n"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	if out := run("certutil", "-K", "-d", db, "-h", hsmLabel, "-f", pinFile); !regexp.MustCompile(`(?m)^<\s*\d+>\s+ec\s`).MatchString(out) {
+		t.Fatalf("certutil -K does not list the token's EC key:\n%s", out)
 	}
 }
