@@ -298,24 +298,7 @@ func (l *loop) refresh(all bool) {
 		}
 	}
 
-	fresh := map[*moduleTrack]bool{} // initialized in this refresh
-	for _, mt := range l.modules {
-		if !mt.released {
-			continue
-		}
-		why := ""
-		switch {
-		case in.demanded[mt.name]:
-			why = "an operation needs it"
-		case l.needsCardRead(mt):
-			why = "a reader changed"
-		default:
-			readModule[mt] = false
-			continue
-		}
-		readModule[mt] = l.wakeModule(mt, why)
-		fresh[mt] = true
-	}
+	fresh := l.wakeReleased(in.demanded, readModule)
 
 	newSlots := map[SlotKey]*Slot{}
 	for _, mt := range l.modules {
@@ -327,22 +310,14 @@ func (l *loop) refresh(all bool) {
 			continue // a failed module has no slots, so its tokens are removed
 		}
 		if !readModule[mt] {
-			for k, s := range l.slots {
-				if k.Module == mt.name {
-					newSlots[k] = s
-				}
-			}
+			l.keepSlots(mt, newSlots)
 			continue
 		}
 		reads, err := l.readModule(mt, fresh[mt], all || safetyRead[mt] || in.modulesDirty[mt.name], now)
 		if err != nil {
 			l.moduleReadFailed(mt, err, now)
 			if !mt.failed {
-				for k, s := range l.slots { // keep the last view through a transient error
-					if k.Module == mt.name {
-						newSlots[k] = s
-					}
-				}
+				l.keepSlots(mt, newSlots) // the last view, through a transient error
 			}
 			continue
 		}
@@ -382,6 +357,15 @@ func (l *loop) refresh(all bool) {
 			// Operations waiting for a released module go on once the
 			// view shows what it read.
 			l.m.leases.reopen(mt.name, nil)
+		}
+	}
+}
+
+// keepSlots puts a module's current slots into the next view unchanged.
+func (l *loop) keepSlots(mt *moduleTrack, newSlots map[SlotKey]*Slot) {
+	for k, s := range l.slots {
+		if k.Module == mt.name {
+			newSlots[k] = s
 		}
 	}
 }

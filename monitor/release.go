@@ -96,6 +96,32 @@ func (l *loop) carrySlots(mt *moduleTrack, newSlots map[SlotKey]*Slot) {
 	}
 }
 
+// wakeReleased initializes the released modules an operation waits for
+// (demanded) or whose readers show a card to read; it sets readModule for
+// every released module (true: read it now) and returns the ones it
+// initialized.
+func (l *loop) wakeReleased(demanded map[string]bool, readModule map[*moduleTrack]bool) (fresh map[*moduleTrack]bool) {
+	fresh = map[*moduleTrack]bool{}
+	for _, mt := range l.modules {
+		if !mt.released {
+			continue
+		}
+		why := ""
+		switch {
+		case demanded[mt.name]:
+			why = "an operation needs it"
+		case l.needsCardRead(mt):
+			why = "a reader changed"
+		default:
+			readModule[mt] = false
+			continue
+		}
+		readModule[mt] = l.wakeModule(mt, why)
+		fresh[mt] = true
+	}
+	return fresh
+}
+
 // wakeModule initializes a released module again; the refresh then reads
 // it. It reports whether the module is initialized.
 func (l *loop) wakeModule(mt *moduleTrack, why string) bool {

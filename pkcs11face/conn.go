@@ -223,13 +223,20 @@ func (c *conn) FindObjectsInit(_ context.Context, h pkcs11.SessionHandle, templa
 	}
 	c.mu.Lock()
 	c.finds[h] = &findState{left: found}
+	// Searches of sessions that are gone (closed by C_CloseAllSessions,
+	// or with their token) are never finished by the client: forget them.
+	for other := range c.finds {
+		if s, ok := c.srv.b.Session(uint64(other)); !ok || s.Caller.ID != c.caller.ID {
+			delete(c.finds, other)
+		}
+	}
 	c.mu.Unlock()
 	return nil
 }
 
 // FindObjects is C_FindObjects.
 func (c *conn) FindObjects(_ context.Context, h pkcs11.SessionHandle, max int) ([]pkcs11.ObjectHandle, error) {
-	if _, ok := c.srv.b.Session(uint64(h)); !ok {
+	if s, ok := c.srv.b.Session(uint64(h)); !ok || s.Caller.ID != c.caller.ID {
 		c.endFind(h)
 		return nil, pkcs11.Error(pkcs11.CKR_SESSION_HANDLE_INVALID)
 	}
