@@ -92,18 +92,29 @@ func (c *conn) GetSlotInfo(_ context.Context, id uint) (pkcs11.SlotInfo, error) 
 }
 
 // GetTokenInfo is C_GetTokenInfo, asked of the module (the view keeps only
-// part of it).
+// part of it) — except while the module is released (idle release): then
+// the answer of the last call on this generation, with the view's flags,
+// so that a program polling C_GetTokenInfo does not keep the module
+// initialized, and so the card held, for good.
 func (c *conn) GetTokenInfo(_ context.Context, id uint) (pkcs11.TokenInfo, error) {
-	_, gen, err := c.token(id)
+	slot, gen, err := c.token(id)
 	if err != nil {
 		return pkcs11.TokenInfo{}, err
+	}
+	if info, ok := c.srv.tokens.get(gen); ok && c.srv.released(slot.Key.Module) {
+		info.Flags = slot.Token.Flags
+		return info, nil
 	}
 	var info pkcs11.TokenInfo
 	err = c.srv.b.TokenCall(c.caller, gen, "C_GetTokenInfo", func(ctx *pkcs11.Ctx, slot uint) (err error) {
 		info, err = ctx.GetTokenInfo(slot)
 		return err
 	})
-	return info, asPKCS11(err)
+	if err != nil {
+		return pkcs11.TokenInfo{}, asPKCS11(err)
+	}
+	c.srv.tokens.put(gen, info, c.srv.mon.Snapshot())
+	return info, nil
 }
 
 // GetMechanismList is C_GetMechanismList.

@@ -34,6 +34,7 @@ type Server struct {
 	log      *slog.Logger
 	ver      string
 	slots    *slotTable
+	tokens   tokenInfos
 	maxConns int
 
 	mu     sync.Mutex // guards conns, active, nextID
@@ -122,6 +123,46 @@ func (s *Server) serveConn(ctx context.Context, uc *net.UnixConn) {
 	s.log.Info("pkcs11 client connected", "caller", caller.String())
 	err = c.serve(ctx, uc)
 	s.log.Info("pkcs11 client left", "caller", caller.ID, "err", err)
+}
+
+// released tells whether the view shows module name released (idle).
+func (s *Server) released(name string) bool {
+	for _, m := range s.mon.Snapshot().Modules {
+		if m.Name == name {
+			return m.Released
+		}
+	}
+	return false
+}
+
+// tokenInfos keeps the last C_GetTokenInfo answer of each live token
+// generation, for answering while its module is released.
+type tokenInfos struct {
+	mu    sync.Mutex
+	byGen map[uint64]pkcs11.TokenInfo
+}
+
+func (t *tokenInfos) get(gen uint64) (pkcs11.TokenInfo, bool) {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	info, ok := t.byGen[gen]
+	return info, ok
+}
+
+// put keeps gen's answer and forgets those of generations snap no longer
+// shows.
+func (t *tokenInfos) put(gen uint64, info pkcs11.TokenInfo, snap *monitor.Snapshot) {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	if t.byGen == nil {
+		t.byGen = map[uint64]pkcs11.TokenInfo{}
+	}
+	t.byGen[gen] = info
+	for g := range t.byGen {
+		if _, ok := snap.Token(g); !ok && g != gen {
+			delete(t.byGen, g)
+		}
+	}
 }
 
 // callerID names a connection for people and for the broker:

@@ -200,6 +200,19 @@ func TestHelperPKCS11ClientProcess(t *testing.T) {
 			// reopened: a stale session must never sign on another card.
 			label, pin, _ := strings.Cut(arg, " ")
 			signLoop(p, label, pin, in)
+		case "tokeninfo":
+			// tokeninfo LABEL: C_GetTokenInfo on token LABEL's slot.
+			slot, err := slotOfToken(p, arg)
+			if err != nil {
+				fmt.Println("error", err)
+				continue
+			}
+			ti, err := p.GetTokenInfo(slot)
+			if err != nil {
+				fmt.Println("error", err)
+				continue
+			}
+			fmt.Println("token", ti.Label, ti.SerialNumber)
 		case "closeall":
 			// closeall LABEL: C_CloseAllSessions on token LABEL's slot.
 			slot, err := slotOfToken(p, arg)
@@ -941,5 +954,53 @@ func TestPKCS11NSS(t *testing.T) {
 	}
 	if out := run("certutil", "-K", "-d", db, "-h", hsmLabel, "-f", pinFile); !regexp.MustCompile(`(?m)^<\s*\d+>\s+ec\s`).MatchString(out) {
 		t.Fatalf("certutil -K does not list the token's EC key:\n%s", out)
+	}
+}
+
+// TestPKCS11PollingKeepsNoCard: a program that polls C_GetTokenInfo (as
+// NSS and others do) does not keep a released OpenSC initialized: once the
+// module was read, the answers come from what it said while the card is
+// untouched, and an exclusive user can still have the card.
+func TestPKCS11PollingKeepsNoCard(t *testing.T) {
+	pcscd := stack.StartPCSCDForTest(t, stack.PCSCDConfig{Socket: pcscSocket})
+	bus := stack.StartDBusForTest(t, "")
+	sock := p11Socket(t)
+	conf := filepath.Join(t.TempDir(), "slotwatch.conf")
+	if err := os.WriteFile(conf, []byte("idle-release-grace = 0.2\n"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	d := startDaemon(t, bus, nil, "--module", stack.OpenSCModule, "--pkcs11-socket", sock, "--config", conf)
+	prof := vcard.Profile{Label: "Polled", Serial: "9011ed01"}
+	card := vcard.New(pcscd.Addr(0), prof)
+	t.Cleanup(func() { card.Close() })
+	if err := card.Insert(); err != nil {
+		t.Fatal(err)
+	}
+	client := startP11Client(t, sock)
+	want := "token " + prof.Label + " " + prof.Serial
+	waitFor(t, "the card through slotwatch", func() bool { return client.do(t, "tokeninfo "+prof.Label) == want })
+
+	conn := dial(t, bus)
+	released := func() bool {
+		for _, ifs := range managedObjects(t, conn) {
+			if m, ok := ifs[modIface]; ok {
+				r, _ := m["Released"].Value().(bool)
+				return r
+			}
+		}
+		return false
+	}
+	waitFor(t, "OpenSC released", released)
+	wakes := strings.Count(d.stderr.String(), "initializing a released module")
+	for range 20 {
+		if ans := client.do(t, "tokeninfo "+prof.Label); ans != want {
+			t.Fatalf("C_GetTokenInfo while released: %q, want %q", ans, want)
+		}
+	}
+	if n := strings.Count(d.stderr.String(), "initializing a released module"); n != wakes {
+		t.Fatalf("20 C_GetTokenInfo calls initialized the released module %d times", n-wakes)
+	}
+	if !released() {
+		t.Fatal("the module is not released after the polling")
 	}
 }
