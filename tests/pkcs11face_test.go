@@ -1004,3 +1004,43 @@ func TestPKCS11PollingKeepsNoCard(t *testing.T) {
 		t.Fatal("the module is not released after the polling")
 	}
 }
+
+// TestPKCS11GarbageOnTheSocket: bytes that are not p11-kit's protocol — a
+// wrong handshake, a frame header announcing 4 GiB, a frame cut short —
+// cost the sender its connection or a CKR, never the daemon: a real client
+// is served afterwards, and meanwhile.
+func TestPKCS11GarbageOnTheSocket(t *testing.T) {
+	_, sock := p11Daemon(t)
+	for _, tc := range []struct {
+		name  string
+		bytes []byte
+	}{
+		{"no handshake, just text", []byte("GET / HTTP/1.1\r\nHost: x\r\n\r\n")},
+		{"handshake, then a 4 GiB frame header", append([]byte{0}, 0, 0, 0, 16, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff)},
+		{"handshake, then a frame cut short", append([]byte{0}, 0, 0, 0, 16, 0, 0, 0, 0, 0, 0, 1, 0, 1, 2, 3)},
+		{"handshake, then a call before C_Initialize", append([]byte{0}, 0, 0, 0, 16, 0, 0, 0, 0, 0, 0, 0, 9, 0, 0, 0, 5, 0, 0, 0, 1, 'u')},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			c, err := net.Dial("unix", sock)
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer c.Close()
+			if _, err := c.Write(tc.bytes); err != nil {
+				t.Fatal(err)
+			}
+			// Whatever it answers, a real client is served meanwhile.
+			if out, err := pkcs11Tool(t, sock, "-L"); err != nil || !strings.Contains(out, hsmLabel) {
+				t.Fatalf("pkcs11-tool -L while a garbage connection is open: %v\n%s", err, out)
+			}
+			c.(*net.UnixConn).CloseWrite()
+			c.SetReadDeadline(time.Now().Add(10 * time.Second))
+			if _, err := io.Copy(io.Discard, c); err != nil {
+				t.Fatalf("the daemon did not end the garbage connection: %v", err)
+			}
+		})
+	}
+	if out, err := pkcs11Tool(t, sock, "-L"); err != nil || !strings.Contains(out, hsmLabel) {
+		t.Fatalf("pkcs11-tool -L after the garbage: %v\n%s", err, out)
+	}
+}
