@@ -145,14 +145,10 @@ func verifyECDSA(t *testing.T, pubFile, sigFile string, digest []byte) {
 
 // TestHelperPKCS11ClientProcess is not a test: it is a PKCS#11 program the
 // tests below start, loading p11-kit-client.so (P11_KIT_SERVER_ADDRESS in
-// its environment). It takes commands on stdin, one per line, and answers
-// each on stdout:
-//
-//	open LABEL   open a session on the token LABEL → "session H"
-//	wait         C_WaitForSlotEvent (blocking) → "event SLOT"
-//	slots        C_GetSlotList(TRUE) → "slots N"
-//
-// Errors are "error CKR..." lines; EOF ends it.
+// its environment). It takes commands on stdin, one per line (p11Command:
+// open LABEL, wait, signloop LABEL PIN, tokeninfo LABEL, closeall LABEL,
+// login H PIN, state H, privkeys H, closeh H, slots), and answers each on
+// stdout, errors as "error ..." lines; EOF ends it.
 func TestHelperPKCS11ClientProcess(t *testing.T) {
 	if os.Getenv("SLOTWATCH_HELPER_P11") == "" {
 		t.Skip("only runs as a helper process of the PKCS#11 face tests")
@@ -174,108 +170,81 @@ func TestHelperPKCS11ClientProcess(t *testing.T) {
 	in := bufio.NewScanner(os.Stdin)
 	for in.Scan() {
 		cmd, arg, _ := strings.Cut(in.Text(), " ")
-		switch cmd {
-		case "open":
-			slot, err := slotOfToken(p, arg)
-			if err != nil {
-				fmt.Println("error", err)
-				continue
-			}
-			h, err := p.OpenSession(slot, pkcs11.CKF_SERIAL_SESSION)
-			if err != nil {
-				fmt.Println("error", err)
-				continue
-			}
-			fmt.Println("session", h)
-		case "wait":
-			// miekg drops the CK_RV: the slot id and the slot list
-			// that follows are what the tests check.
-			ev := <-p.WaitForSlotEvent(0)
-			fmt.Println("event", ev.SlotID)
-		case "signloop":
-			// signloop LABEL PIN: a session on token LABEL, logged in,
-			// signs the same digest again and again with its first
-			// private key, printing "sig HEX" or "err ..." each time,
-			// until "stop" comes on stdin. The session is never
-			// reopened: a stale session must never sign on another card.
-			label, pin, _ := strings.Cut(arg, " ")
-			signLoop(p, label, pin, in)
-		case "tokeninfo":
-			// tokeninfo LABEL: C_GetTokenInfo on token LABEL's slot.
-			slot, err := slotOfToken(p, arg)
-			if err != nil {
-				fmt.Println("error", err)
-				continue
-			}
-			ti, err := p.GetTokenInfo(slot)
-			if err != nil {
-				fmt.Println("error", err)
-				continue
-			}
-			fmt.Println("token", ti.Label, ti.SerialNumber)
-		case "closeall":
-			// closeall LABEL: C_CloseAllSessions on token LABEL's slot.
-			slot, err := slotOfToken(p, arg)
-			if err == nil {
-				err = p.CloseAllSessions(slot)
-			}
-			if err != nil {
-				fmt.Println("error", err)
-				continue
-			}
-			fmt.Println("closed all")
-		case "login", "state", "privkeys":
-			// login H PIN, state H, privkeys H: on session H.
-			hs, pin, _ := strings.Cut(arg, " ")
-			hv, _ := strconv.ParseUint(hs, 10, 64)
-			h := pkcs11.SessionHandle(hv)
-			switch cmd {
-			case "login":
-				if err := p.Login(h, pkcs11.CKU_USER, pin); err != nil {
-					fmt.Println("error", err)
-					continue
-				}
-				fmt.Println("logged in")
-			case "state":
-				info, err := p.GetSessionInfo(h)
-				if err != nil {
-					fmt.Println("error", err)
-					continue
-				}
-				fmt.Println("state", info.State)
-			case "privkeys":
-				if err := p.FindObjectsInit(h, []*pkcs11.Attribute{pkcs11.NewAttribute(pkcs11.CKA_CLASS, pkcs11.CKO_PRIVATE_KEY)}); err != nil {
-					fmt.Println("error", err)
-					continue
-				}
-				keys, _, err := p.FindObjects(h, 16)
-				p.FindObjectsFinal(h)
-				if err != nil {
-					fmt.Println("error", err)
-					continue
-				}
-				fmt.Println("privkeys", len(keys))
-			}
-		case "closeh":
-			// closeh H: C_CloseSession on a handle the test names
-			// (another client's, in the attack tests).
-			h, _ := strconv.ParseUint(arg, 10, 64)
-			if err := p.CloseSession(pkcs11.SessionHandle(h)); err != nil {
-				fmt.Println("error", err)
-				continue
-			}
-			fmt.Println("closed")
-		case "slots":
-			slots, err := p.GetSlotList(true)
-			if err != nil {
-				fmt.Println("error", err)
-				continue
-			}
-			fmt.Println("slots", len(slots))
+		answer, err := p11Command(p, cmd, arg, in)
+		switch {
+		case err != nil:
+			fmt.Println("error", err)
+		case answer != "":
+			fmt.Println(answer)
 		}
 	}
 	p.Finalize()
 	os.Exit(0)
+}
+
+// p11Command runs one command of TestHelperPKCS11ClientProcess and returns
+// its answer ("" when it printed its own, as signloop does).
+func p11Command(p *pkcs11.Ctx, cmd, arg string, in *bufio.Scanner) (string, error) {
+	// Commands on a session name it first: "login H PIN".
+	hs, rest, _ := strings.Cut(arg, " ")
+	hv, _ := strconv.ParseUint(hs, 10, 64)
+	h := pkcs11.SessionHandle(hv)
+	switch cmd {
+	case "open":
+		slot, err := slotOfToken(p, arg)
+		if err != nil {
+			return "", err
+		}
+		h, err := p.OpenSession(slot, pkcs11.CKF_SERIAL_SESSION)
+		return fmt.Sprint("session ", h), err
+	case "wait":
+		// miekg drops the CK_RV: the slot id and the slot list that
+		// follows are what the tests check.
+		ev := <-p.WaitForSlotEvent(0)
+		return fmt.Sprint("event ", ev.SlotID), nil
+	case "signloop":
+		// signloop LABEL PIN: a session on token LABEL, logged in,
+		// signs the same digest again and again with its first private
+		// key, printing "sig HEX" or "err ..." each time, until "stop"
+		// comes on stdin. The session is never reopened: a stale
+		// session must never sign on another card.
+		label, pin, _ := strings.Cut(arg, " ")
+		signLoop(p, label, pin, in)
+		return "", nil
+	case "tokeninfo":
+		slot, err := slotOfToken(p, arg)
+		if err != nil {
+			return "", err
+		}
+		ti, err := p.GetTokenInfo(slot)
+		return fmt.Sprint("token ", ti.Label, " ", ti.SerialNumber), err
+	case "closeall":
+		slot, err := slotOfToken(p, arg)
+		if err == nil {
+			err = p.CloseAllSessions(slot)
+		}
+		return "closed all", err
+	case "login":
+		return "logged in", p.Login(h, pkcs11.CKU_USER, rest)
+	case "state":
+		info, err := p.GetSessionInfo(h)
+		return fmt.Sprint("state ", info.State), err
+	case "privkeys":
+		if err := p.FindObjectsInit(h, []*pkcs11.Attribute{pkcs11.NewAttribute(pkcs11.CKA_CLASS, pkcs11.CKO_PRIVATE_KEY)}); err != nil {
+			return "", err
+		}
+		keys, _, err := p.FindObjects(h, 16)
+		p.FindObjectsFinal(h)
+		return fmt.Sprint("privkeys ", len(keys)), err
+	case "closeh":
+		// closeh H: C_CloseSession on a handle the test names (another
+		// client's, in the attack tests).
+		return "closed", p.CloseSession(h)
+	case "slots":
+		slots, err := p.GetSlotList(true)
+		return fmt.Sprint("slots ", len(slots)), err
+	}
+	return "", fmt.Errorf("unknown command %q", cmd)
 }
 
 // loopDigest is what signloop signs.
