@@ -959,13 +959,19 @@ func TestPKCS11PollingKeepsNoCard(t *testing.T) {
 		return false
 	}
 	waitFor(t, "OpenSC released", released)
-	wakes := strings.Count(d.stderr.String(), "initializing a released module")
+	// Every wake-up so far was followed by a release; wait until the log
+	// (through a pipe) shows that, so the count below starts complete.
+	count := func(line string) int { return strings.Count(d.stderr.String(), line) }
+	waitFor(t, "the daemon's log to catch up", func() bool {
+		return count("releasing an idle module") > count("initializing a released module")
+	})
+	wakes := count("initializing a released module")
 	for range 20 {
 		if ans := client.do(t, "tokeninfo "+prof.Label); ans != want {
 			t.Fatalf("C_GetTokenInfo while released: %q, want %q", ans, want)
 		}
 	}
-	if n := strings.Count(d.stderr.String(), "initializing a released module"); n != wakes {
+	if n := count("initializing a released module"); n != wakes {
 		t.Fatalf("20 C_GetTokenInfo calls initialized the released module %d times", n-wakes)
 	}
 	if !released() {
