@@ -2,6 +2,7 @@ package pkcs11face
 
 import (
 	"context"
+	"errors"
 	"net"
 	"sync"
 
@@ -157,7 +158,7 @@ func (c *conn) InitToken(_ context.Context, id uint, soPIN []byte, label string)
 		return err
 	}
 	err = c.srv.b.InitToken(c.caller, gen, soPIN, label, false)
-	if se := (*broker.SessionsExistError)(nil); err != nil && asSessionsExist(err, &se) {
+	if se := (*broker.SessionsExistError)(nil); errors.As(err, &se) {
 		c.srv.log.Warn("C_InitToken refused: sessions are open on the token", "caller", c.caller.ID, "holders", se.Error())
 	}
 	return asPKCS11(err)

@@ -69,7 +69,3 @@ func asPKCS11(err error) error {
 	}
 	return pkcs11.Error(ckr(err))
 }
-
-func asSessionsExist(err error, target **broker.SessionsExistError) bool {
-	return errors.As(err, target)
-}
