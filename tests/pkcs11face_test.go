@@ -7,6 +7,7 @@ import (
 	"crypto/sha256"
 	"crypto/x509"
 	"encoding/hex"
+	"errors"
 	"fmt"
 	"io"
 	"math/big"
@@ -1020,4 +1021,56 @@ func TestPKCS11GarbageOnTheSocket(t *testing.T) {
 	if out, err := pkcs11Tool(t, sock, "-L"); err != nil || !strings.Contains(out, hsmLabel) {
 		t.Fatalf("pkcs11-tool -L after the garbage: %v\n%s", err, out)
 	}
+}
+
+// TestPKCS11ConnectionFlood: a program that opens connection after
+// connection gets at most 256 served at once; the others are closed at
+// once, and once some are let go a real client is served again.
+func TestPKCS11ConnectionFlood(t *testing.T) {
+	_, sock := p11Daemon(t)
+	const dialed, limit = 300, 256
+	var conns []net.Conn
+	t.Cleanup(func() {
+		for _, c := range conns {
+			c.Close()
+		}
+	})
+	// Connections that say nothing: a served one waits in the handshake.
+	for range dialed {
+		c, err := net.Dial("unix", sock)
+		if err != nil {
+			t.Fatal(err)
+		}
+		conns = append(conns, c)
+	}
+	// Which ones the daemon turns away depends on the order it takes
+	// them in; how many does not. Wait until it has decided for all.
+	closed := map[int]bool{}
+	waitFor(t, fmt.Sprintf("%d of %d connections closed by the daemon", dialed-limit, dialed), func() bool {
+		for i, c := range conns {
+			if closed[i] {
+				continue
+			}
+			c.SetReadDeadline(time.Now().Add(time.Millisecond))
+			if _, err := c.Read(make([]byte, 1)); errors.Is(err, io.EOF) {
+				closed[i] = true
+			}
+		}
+		return len(closed) >= dialed-limit
+	})
+	if len(closed) != dialed-limit {
+		t.Fatalf("the daemon closed %d of %d connections, want %d (it serves %d at once)", len(closed), dialed, dialed-limit, limit)
+	}
+	// Let 8 served ones go: a real client is served again.
+	n := 0
+	for i, c := range conns {
+		if !closed[i] && n < 8 {
+			c.Close()
+			n++
+		}
+	}
+	waitFor(t, "a real client served again", func() bool {
+		out, err := pkcs11Tool(t, sock, "-L")
+		return err == nil && strings.Contains(out, hsmLabel)
+	})
 }
