@@ -23,6 +23,10 @@ const (
 	ModuleChanged // a module was added, or its wait mode, state or info changed
 	ModuleRemoved // a module is no longer watched (reload)
 	StateChanged  // the monitor's State or StateReason changed
+	// TokenLost: Token, removed earlier by an outage (TokenRemoved with
+	// Outage), will not be resumed: its card is gone or another is in its
+	// place, its module was removed, or Config.ResumeWindow passed.
+	TokenLost
 )
 
 var eventNames = map[EventKind]string{
@@ -30,6 +34,7 @@ var eventNames = map[EventKind]string{
 	SlotAdded: "slot-added", SlotRemoved: "slot-removed", SlotChanged: "slot-changed",
 	ReaderAdded: "reader-added", ReaderRemoved: "reader-removed", ReaderChanged: "reader-changed",
 	ModuleChanged: "module-changed", ModuleRemoved: "module-removed", StateChanged: "state-changed",
+	TokenLost: "token-lost",
 }
 
 func (k EventKind) String() string {
@@ -49,12 +54,24 @@ type Event struct {
 	Reader   *Reader
 	Module   *ModuleView
 	Snapshot *Snapshot
+	// Outage (TokenRemoved only): the token went with an outage — pcscd
+	// gone, its module failing — and PC/SC did not see its card leave. A
+	// TokenInserted whose Token.Resumes is this generation may follow
+	// within Config.ResumeWindow; otherwise TokenLost does.
+	Outage bool
 }
 
 func (e Event) String() string {
 	switch {
 	case e.Token != nil:
-		return fmt.Sprintf("%s generation=%d slot=%s label=%q serial=%q", e.Kind, e.Token.Generation, e.Token.Slot, e.Token.Label, e.Token.Serial)
+		s := fmt.Sprintf("%s generation=%d slot=%s label=%q serial=%q", e.Kind, e.Token.Generation, e.Token.Slot, e.Token.Label, e.Token.Serial)
+		if e.Outage {
+			s += " outage"
+		}
+		if e.Kind == TokenInserted && e.Token.Resumes != 0 {
+			s += fmt.Sprintf(" resumes=%d", e.Token.Resumes)
+		}
+		return s
 	case e.Slot != nil:
 		return fmt.Sprintf("%s slot=%s description=%q reader=%q", e.Kind, e.Slot.Key, e.Slot.Description, e.Slot.Reader)
 	case e.Reader != nil:

@@ -42,8 +42,9 @@ type loop struct {
 	seq            uint64
 	reclaimGen     map[uint64]SlotKey // dead generations waiting for reclamation
 	pcscRetry      backoff
-	pcscRetryAt    time.Time // non-zero: re-read PC/SC then (a read failed while the watcher was fine)
-	pcscPollAt     time.Time // non-zero: re-read PC/SC then (exclusive use is not an event: sharePoll)
+	pcscRetryAt    time.Time    // non-zero: re-read PC/SC then (a read failed while the watcher was fine)
+	pcscPollAt     time.Time    // non-zero: re-read PC/SC then (exclusive use is not an event: sharePoll)
+	lost           []*lostToken // tokens removed by an outage that may resume (resume.go)
 }
 
 // tracked is what the loop remembers of a slot's token beyond the snapshot:
@@ -175,6 +176,7 @@ func (l *loop) armTimer(t *time.Timer) {
 	}
 	consider(l.pcscRetryAt)
 	consider(l.pcscPollAt)
+	consider(l.nextLostExpiry())
 	d := time.Hour
 	if !next.IsZero() {
 		d = max(time.Until(next), 0)

@@ -97,6 +97,10 @@ type Config struct {
 	// each decision, so a reload may change it. Default:
 	// DefaultIdleRelease for every module.
 	IdleRelease func(module string) IdleRelease
+	// ResumeWindow is how long a token removed by an outage may come back
+	// as the same card and resume its sessions (Token.Resumes). Default
+	// 60 s; negative: never (every outage ends sessions, as a removal).
+	ResumeWindow time.Duration
 	// Logger gets the monitor's decisions (Debug: every event). Default:
 	// discard.
 	Logger *slog.Logger
@@ -135,6 +139,9 @@ func (c Config) withDefaults() Config {
 	}
 	if c.SharePoll <= 0 {
 		c.SharePoll = time.Second
+	}
+	if c.ResumeWindow == 0 {
+		c.ResumeWindow = time.Minute
 	}
 	if c.IdleRelease == nil {
 		c.IdleRelease = func(string) IdleRelease { return DefaultIdleRelease }

@@ -5,6 +5,7 @@ import (
 	"maps"
 	"slices"
 	"strings"
+	"time"
 )
 
 // Committing a refresh: the new snapshot, the events of the pure diff
@@ -19,9 +20,14 @@ func (l *loop) commit(newSlots map[SlotKey]*Slot) {
 	old := l.m.Snapshot()
 	next := l.buildSnapshot(newSlots)
 	evs := diff(old, next)
-	for _, ev := range evs {
+	now := time.Now()
+	for i, ev := range evs {
 		switch ev.Kind {
 		case TokenRemoved:
+			if l.cfg.ResumeWindow > 0 && l.removedByOutage(ev.Token, newSlots) {
+				evs[i].Outage = true
+				l.loseToken(ev.Token, now)
+			}
 			l.killGeneration(ev.Token)
 		case SlotRemoved:
 			delete(l.slotTrack, ev.Slot.Key)
@@ -31,6 +37,10 @@ func (l *loop) commit(newSlots map[SlotKey]*Slot) {
 		case TokenInserted:
 			l.m.leases.add(ev.Token.Generation, ev.Token.Slot)
 		}
+	}
+	for _, t := range l.settleLost(now) {
+		l.log.Info("a token lost to an outage will not resume", "generation", t.Generation, "slot", t.Slot)
+		evs = append(evs, Event{Kind: TokenLost, Token: t})
 	}
 	l.slots = newSlots
 	if len(evs) == 0 && old.Seq != 0 {

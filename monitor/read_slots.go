@@ -286,6 +286,7 @@ func (l *loop) buildSlot(mt *moduleTrack, r slotRead, now time.Time) *Slot {
 	if replug {
 		l.lastGen++
 		cand.Generation = l.lastGen
+		cand.Resumes = l.claimLost(key, s.Reader, cand, rd)
 		s.Token = cand
 		return s
 	}

@@ -134,6 +134,10 @@ type Token struct {
 	Flags        uint      // CKF_* token flags
 	Reader       string    // the PC/SC reader the card sits in, "" if none
 	Inserted     time.Time // when the monitor saw it
+	// Resumes is the generation of the same card this token continues
+	// after an outage removed it (pcscd gone, the module failing) without
+	// PC/SC seeing the card leave; 0 if none (resume.go).
+	Resumes uint64
 }
 
 // sameCard tells whether two token infos describe the same card. Flags are

@@ -150,8 +150,8 @@ func TestInsertRemoveReinsert(t *testing.T) {
 	if err := card.Remove(); err != nil {
 		t.Fatal(err)
 	}
-	if r := w.expectToken(monitor.TokenRemoved, eventTimeout); r.Generation != t1.Generation {
-		t.Fatalf("removed generation %d, want %d", r.Generation, t1.Generation)
+	if ev := w.next(eventTimeout, tokenEvents...); ev.Kind != monitor.TokenRemoved || ev.Token.Generation != t1.Generation || ev.Outage {
+		t.Fatalf("got %v, want TokenRemoved of generation %d, not an outage", ev, t1.Generation)
 	}
 	if err := card.Insert(); err != nil {
 		t.Fatal(err)
@@ -159,6 +159,9 @@ func TestInsertRemoveReinsert(t *testing.T) {
 	t2 := w.expectToken(monitor.TokenInserted, eventTimeout)
 	if t2.Generation <= t1.Generation {
 		t.Fatalf("reinserted generation %d, want > %d", t2.Generation, t1.Generation)
+	}
+	if t2.Resumes != 0 {
+		t.Fatalf("a card put back after PC/SC saw it leave resumes generation %d", t2.Resumes)
 	}
 	if got := w.mon.Snapshot().LastGeneration; got != t2.Generation {
 		t.Fatalf("snapshot LastGeneration %d, want %d", got, t2.Generation)
@@ -391,6 +394,81 @@ func TestPCSCDRestart(t *testing.T) {
 	if again.Generation <= first.Generation {
 		t.Fatalf("generation after restart %d, want > %d", again.Generation, first.Generation)
 	}
+	// The same card is back where it was, and PC/SC (restarted) cannot
+	// tell whether it left: it resumes the lost generation.
+	if again.Resumes != first.Generation {
+		t.Fatalf("token after restart resumes %d, want %d", again.Resumes, first.Generation)
+	}
+}
+
+// TestOutageEnds: a token lost to pcscd's outage does not resume when
+// another card is in its place once pcscd is back (TokenLost, Resumes 0),
+// nor when nothing comes back within the resume window.
+func TestOutageEnds(t *testing.T) {
+	t.Run("another card", func(t *testing.T) {
+		w := newWorld(t)
+		card := w.cards[0]
+		card.SetProfile(vcard.Profile{Label: "Alice", Serial: "a11ce0"})
+		if err := card.Insert(); err != nil {
+			t.Fatal(err)
+		}
+		w.start(monitor.Config{})
+		first := w.expectTokenSoon()
+		if err := w.pcscd.Kill(); err != nil {
+			t.Fatal(err)
+		}
+		w.expectOutage(first.Generation)
+		card.Remove()
+		card.SetProfile(vcard.Profile{Label: "Bob", Serial: "b0b0"})
+		if err := w.pcscd.Restart(); err != nil {
+			t.Fatal(err)
+		}
+		if err := card.Insert(); err != nil {
+			t.Fatal(err)
+		}
+		var lost, bob bool
+		for !lost || !bob {
+			ev := w.next(eventTimeout, monitor.TokenInserted, monitor.TokenRemoved, monitor.TokenLost)
+			switch {
+			case ev.Kind == monitor.TokenLost && ev.Token.Generation == first.Generation:
+				lost = true
+			case ev.Kind == monitor.TokenInserted && ev.Token.Label == "Bob":
+				if ev.Token.Resumes != 0 {
+					t.Fatalf("another card resumes generation %d", ev.Token.Resumes)
+				}
+				bob = true
+			default:
+				t.Fatalf("unexpected %v", ev)
+			}
+		}
+	})
+	t.Run("window", func(t *testing.T) {
+		w := newWorld(t)
+		card := w.cards[0]
+		if err := card.Insert(); err != nil {
+			t.Fatal(err)
+		}
+		w.start(monitor.Config{ResumeWindow: 300 * time.Millisecond})
+		first := w.expectTokenSoon()
+		if err := w.pcscd.Kill(); err != nil {
+			t.Fatal(err)
+		}
+		w.expectOutage(first.Generation)
+		ev := w.next(10*time.Second, monitor.TokenLost, monitor.TokenInserted)
+		if ev.Kind != monitor.TokenLost || ev.Token.Generation != first.Generation {
+			t.Fatalf("got %v, want TokenLost of generation %d", ev, first.Generation)
+		}
+		card.Remove()
+		if err := w.pcscd.Restart(); err != nil {
+			t.Fatal(err)
+		}
+		if err := card.Insert(); err != nil {
+			t.Fatal(err)
+		}
+		if again := w.expectToken(monitor.TokenInserted, eventTimeout); again.Resumes != 0 {
+			t.Fatalf("the card back after the window resumes generation %d", again.Resumes)
+		}
+	})
 }
 
 // expectOutage waits, after pcscd died, until the monitor is degraded and
@@ -408,6 +486,9 @@ func (w *world) expectOutage(gen uint64) string {
 				reason = ev.Snapshot.StateReason
 			}
 		case ev.Kind == monitor.TokenRemoved && ev.Token.Generation == gen:
+			if !ev.Outage {
+				w.t.Fatalf("%v with pcscd gone is not marked as an outage", ev)
+			}
 			removed = true
 		default:
 			w.t.Fatalf("%v while pcscd is down", ev)
