@@ -7,8 +7,10 @@ import (
 	"errors"
 	"log/slog"
 	"sync"
+	"sync/atomic"
 	"time"
 
+	"github.com/slotwatch/slotwatch/internal/secret"
 	"github.com/slotwatch/slotwatch/module"
 	"github.com/slotwatch/slotwatch/monitor"
 )
@@ -82,6 +84,11 @@ type Options struct {
 	Limits   Limits
 	Logger   *slog.Logger
 	Observer Observer // nil: nobody is told
+	// ResumeLogin keeps the PIN of every login, in locked memory
+	// (internal/secret) until the login ends, so that the login can be
+	// made again when its sessions resume after an outage (resume.go;
+	// config key resume-login). Off: they resume logged out.
+	ResumeLogin bool
 }
 
 // Broker owns callers, their sessions and logins. Create with New.
@@ -92,11 +99,15 @@ type Broker struct {
 	log    *slog.Logger
 	obs    Observer
 
+	resumeLogin atomic.Bool
+	resuming    sync.WaitGroup // resume goroutines (TokenBack)
+
 	mu       sync.Mutex // guards all following fields; a leaf (see doc.go)
 	callers  map[string]*callerState
 	sessions map[uint64]*session
 	tokens   map[uint64]*tokenState
-	nextID   uint64 // last session id handed out; never reused
+	away     map[uint64]*suspension // generations lost to an outage with suspended sessions
+	nextID   uint64                 // last session id handed out; never reused
 	// recent remembers the generation of the last len(recent) sessions
 	// opened (a ring indexed by session id), so that a closed session's
 	// id can tell "its token is gone" from "it was closed" in bounded
@@ -118,6 +129,10 @@ type tokenState struct {
 	login        string // ID of the caller logged in, "" if none
 	initializing bool   // an InitToken runs: a second one is Busy at once
 	dead         bool   // TokenGone ran
+	// pin is the login's PIN, kept for a resumption after an outage
+	// (Options.ResumeLogin); wiped when the login ends.
+	pin     *secret.Secret
+	pinUser uint
 	// objects are, per caller ID, the object handles that caller was given
 	// on this token (PKCS#11 face: FindObjectHandles, SessionCall).
 	objects map[string]map[pkcs11.ObjectHandle]bool
@@ -129,16 +144,19 @@ func New(gens Generations, mods Modules, opts Options) *Broker {
 	if opts.Logger == nil {
 		opts.Logger = slog.New(slog.DiscardHandler)
 	}
-	return &Broker{
+	b := &Broker{
 		gens:     gens,
 		mods:     mods,
 		limits:   opts.Limits.withDefaults(),
 		log:      opts.Logger,
 		obs:      opts.Observer,
+		away:     map[uint64]*suspension{},
 		callers:  map[string]*callerState{},
 		sessions: map[uint64]*session{},
 		tokens:   map[uint64]*tokenState{},
 	}
+	b.resumeLogin.Store(opts.ResumeLogin)
+	return b
 }
 
 // SetObserver sets who is told of session changes, before the first
@@ -194,8 +212,21 @@ func (b *Broker) Leave(id string) {
 }
 
 // Close closes every session (slotwatch is stopping) and forgets every
-// caller.
+// caller and every kept PIN.
 func (b *Broker) Close() {
+	b.resuming.Wait()
+	defer func() {
+		b.mu.Lock()
+		defer b.mu.Unlock()
+		for gen, sus := range b.away {
+			sus.pin.Wipe()
+			delete(b.away, gen)
+		}
+		for _, ts := range b.tokens {
+			ts.pin.Wipe()
+			ts.pin = nil
+		}
+	}()
 	b.mu.Lock()
 	var ids []string
 	for id := range b.callers {

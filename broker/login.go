@@ -54,6 +54,7 @@ func (b *Broker) Login(c Caller, id uint64, userType uint, pin []byte) error {
 	switch {
 	case err == nil:
 		b.setLogin(h, c.ID)
+		b.keepPIN(h, userType, pin)
 	case errors.Is(err, module.ErrSessionReadOnlyExists):
 		// An SO login needs every session read-write: say whose are not.
 		b.mu.Lock()
@@ -88,6 +89,10 @@ func (b *Broker) Logout(c Caller, id uint64) error {
 func (b *Broker) setLogin(h *held, owner string) {
 	b.mu.Lock()
 	h.state.login = owner
+	if owner == "" {
+		h.state.pin.Wipe()
+		h.state.pin = nil
+	}
 	var ss []*session
 	for _, s := range b.sessions {
 		if s.info.Generation == h.tok.Generation {

@@ -107,20 +107,33 @@ func (b *Broker) begin(c Caller, id uint64, exclusive bool, validate func() erro
 	if err != nil {
 		return nil, nil, nil, err
 	}
-	if s, err = b.own(c, id); err == nil && validate != nil {
-		err = validate()
-	}
-	if err != nil {
-		exit()
-		return nil, nil, nil, err
-	}
 	ctx, cancel := b.waitCtx()
 	defer cancel()
-	if h, err = b.hold(ctx, s.info.Generation, exclusive); err != nil {
-		exit()
-		return nil, nil, nil, err
+	for validated := false; ; validated = true {
+		if s, err = b.own(c, id); err == nil && validate != nil && !validated {
+			err = validate()
+		}
+		if err == nil && s.suspended != nil {
+			// Its token is away after an outage: wait for it, then
+			// take the session as it is then (resumed, or closed).
+			if err = b.awaitResume(ctx, s); err == nil {
+				continue
+			}
+		}
+		if err != nil {
+			exit()
+			return nil, nil, nil, err
+		}
+		h, err = b.hold(ctx, s.info.Generation, exclusive)
+		if errors.Is(err, ErrTokenRemoved) && b.replaced(s) {
+			continue // suspended since it was read
+		}
+		if err != nil {
+			exit()
+			return nil, nil, nil, err
+		}
+		return h, s, func() { h.done(); exit() }, nil
 	}
-	return h, s, func() { h.done(); exit() }, nil
 }
 
 // loggedInByOther tells whether another caller than c owns h's login. h

@@ -127,7 +127,7 @@ func newRigWith(t *testing.T, limits Limits, extra []*module.Module, slots ...ui
 	}
 	mod.Finalize() // the monitor holds its own reference
 	r := &rig{t: t, mon: mon, ctl: ctl, obs: &recorder{}, stop: make(chan struct{}), done: make(chan struct{})}
-	r.b = New(mon, module.NewSet(append([]*module.Module{mod}, extra...)...), Options{Limits: limits, Observer: r.obs})
+	r.b = New(mon, module.NewSet(append([]*module.Module{mod}, extra...)...), Options{Limits: limits, Observer: r.obs, ResumeLogin: true})
 	snap, sub := mon.Subscribe()
 	go func() {
 		defer close(r.done)
@@ -136,8 +136,16 @@ func newRigWith(t *testing.T, limits Limits, extra []*module.Module, slots ...ui
 			if err != nil {
 				return
 			}
-			if ev.Kind == monitor.TokenRemoved {
+			// What dbusapi does with the token events.
+			switch {
+			case ev.Kind == monitor.TokenRemoved && ev.Outage:
+				r.b.TokenAway(ev.Token.Generation)
+			case ev.Kind == monitor.TokenRemoved:
 				r.b.TokenGone(ev.Token.Generation)
+			case ev.Kind == monitor.TokenInserted:
+				r.b.TokenBack(ev.Token)
+			case ev.Kind == monitor.TokenLost:
+				r.b.TokenLost(ev.Token.Generation)
 			}
 		}
 	}()

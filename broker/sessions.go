@@ -32,6 +32,11 @@ type SessionInfo struct {
 type session struct {
 	info  SessionInfo
 	modID uint64
+	// suspended is non-nil while the session's token is away after an
+	// outage (resume.go): it has no module session then, and is closed
+	// when the session is resumed (a new record replaces this one) or
+	// closed.
+	suspended chan struct{}
 }
 
 func publicState(readWrite bool) uint {
@@ -157,13 +162,19 @@ func (b *Broker) CloseSession(c Caller, id uint64) error {
 		return err
 	}
 	defer exit()
-	s, err := b.own(c, id)
-	if err != nil {
-		return err
-	}
 	ctx, cancel := b.waitCtx()
 	defer cancel()
-	return b.closeOnToken(ctx, c, s.info.Generation, []*session{s}, "closed by its owner")
+	for {
+		s, err := b.own(c, id)
+		if err != nil {
+			return err
+		}
+		err = b.closeOnToken(ctx, c, s.info.Generation, []*session{s}, "closed by its owner")
+		if !b.replaced(s) {
+			return err
+		}
+		// Suspended or resumed under the close: close what it is now.
+	}
 }
 
 // CloseAllSessions closes c's sessions on generation gen, nobody else's.
@@ -183,22 +194,29 @@ func (b *Broker) CloseAllSessions(c Caller, gen uint64) error {
 
 // closeWhere closes c's sessions that match, token by token.
 func (b *Broker) closeWhere(ctx context.Context, c Caller, match func(*session) bool, why string) error {
-	byGen := map[uint64][]*session{}
-	b.mu.Lock()
-	for _, s := range b.sessions {
-		if s.info.Caller.ID == c.ID && match(s) {
-			byGen[s.info.Generation] = append(byGen[s.info.Generation], s)
-		}
-	}
-	b.mu.Unlock()
 	var first error
-	for gen, victims := range byGen {
-		slices.SortFunc(victims, func(x, y *session) int { return cmp.Compare(x.info.ID, y.info.ID) })
-		if err := b.closeOnToken(ctx, c, gen, victims, why); err != nil && first == nil {
-			first = err
+	for {
+		byGen := map[uint64][]*session{}
+		var all []*session
+		b.mu.Lock()
+		for _, s := range b.sessions {
+			if s.info.Caller.ID == c.ID && match(s) {
+				byGen[s.info.Generation] = append(byGen[s.info.Generation], s)
+				all = append(all, s)
+			}
+		}
+		b.mu.Unlock()
+		for gen, victims := range byGen {
+			slices.SortFunc(victims, func(x, y *session) int { return cmp.Compare(x.info.ID, y.info.ID) })
+			if err := b.closeOnToken(ctx, c, gen, victims, why); err != nil && first == nil {
+				first = err
+			}
+		}
+		// Again for those suspended or resumed under the close.
+		if first != nil || !slices.ContainsFunc(all, b.replaced) {
+			return first
 		}
 	}
-	return first
 }
 
 // closeOnToken closes some of c's sessions on one token. When c owns the
@@ -209,6 +227,18 @@ func (b *Broker) closeWhere(ctx context.Context, c Caller, match func(*session) 
 // login takes the token exclusively; a caller that is not the owner closes
 // under the shared lock, which keeps the login as it is meanwhile.
 func (b *Broker) closeOnToken(ctx context.Context, c Caller, gen uint64, victims []*session, why string) error {
+	// A suspended session has no module session to close (resume.go).
+	var away []*session
+	victims = slices.DeleteFunc(slices.Clone(victims), func(s *session) bool {
+		if s.suspended != nil {
+			away = append(away, s)
+		}
+		return s.suspended != nil
+	})
+	b.drop(away, why)
+	if len(victims) == 0 {
+		return nil
+	}
 	exclusive := false
 	for {
 		h, err := b.hold(ctx, gen, exclusive)
@@ -262,12 +292,21 @@ func (b *Broker) closeHeld(h *held, c Caller, victims []*session, why string) er
 	return first
 }
 
-// drop forgets sessions without a module call and tells the observer.
+// drop forgets sessions without a module call and tells the observer. A
+// suspended session's owner that keeps none there any more loses the
+// login kept for its resumption.
 func (b *Broker) drop(victims []*session, why string) {
 	for _, s := range victims {
 		b.mu.Lock()
 		if b.sessions[s.info.ID] == s {
 			delete(b.sessions, s.info.ID)
+			if s.suspended != nil {
+				close(s.suspended)
+				if sus := b.away[s.info.Generation]; sus != nil && sus.login == s.info.Caller.ID && b.countLocked(sus.login, s.info.Generation) == 0 {
+					sus.pin.Wipe()
+					sus.login, sus.pin = "", nil
+				}
+			}
 			if b.obs != nil {
 				b.obs.SessionClosed(s.info, why)
 			}
@@ -296,6 +335,8 @@ func (b *Broker) TokenGone(gen uint64) {
 	if ts, ok := b.tokens[gen]; ok {
 		ts.dead = true
 		ts.login = ""
+		ts.pin.Wipe()
+		ts.pin = nil
 		delete(b.tokens, gen)
 	}
 	var victims []*session

@@ -56,6 +56,10 @@ type Config struct {
 	// the policy of every module whose [module] section does not set its
 	// own (monitor.IdleRelease says what it does).
 	IdleRelease IdleRelease
+	// ResumeLogin (resume-login, default true) keeps a login's PIN in
+	// locked memory so that the login is made again when its sessions
+	// resume after an outage (broker.Options.ResumeLogin).
+	ResumeLogin bool
 	Modules     []Module
 	Source      string // the file it came from, "" for the built-in defaults
 }
@@ -128,6 +132,7 @@ func Default() *Config {
 		RemovalGrace:  DefaultRemovalGrace,
 		Limits:        DefaultLimits(),
 		IdleRelease:   monitor.DefaultIdleRelease,
+		ResumeLogin:   true,
 	}
 }
 

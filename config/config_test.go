@@ -113,6 +113,7 @@ token-wait = 0.25
 		{"idle release off everywhere, at its longest grace", "idle-release = false\nidle-release-grace = 3600\n", def(func(c *Config) {
 			c.IdleRelease = IdleRelease{Grace: time.Hour}
 		})},
+		{"resume-login off", "resume-login = false\n", def(func(c *Config) { c.ResumeLogin = false })},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
@@ -134,7 +135,7 @@ func TestParseBad(t *testing.T) {
 		line int
 		msg  string // a substring of the message
 	}{
-		{"unknown key", "notify = true\n\n# x\nfoo = bar\n", 4, `unknown key "foo" (known: removal-action, removal-scope, removal-grace, notify, max-sessions-per-token, max-concurrent-calls, max-find-results, token-wait, idle-release, idle-release-grace)`},
+		{"unknown key", "notify = true\n\n# x\nfoo = bar\n", 4, `unknown key "foo" (known: removal-action, removal-scope, removal-grace, notify, max-sessions-per-token, max-concurrent-calls, max-find-results, token-wait, idle-release, idle-release-grace, resume-login)`},
 		{"unknown module key", "[module a]\npath = /a.so\nlibrary = /b.so\n", 3, `unknown key "library" in [module a] (known: path, isolate, idle-release, idle-release-grace)`},
 		{"top-level key in a section", "[module a]\npath = /a.so\nnotify = true\n", 3, `key "notify" is not a module key; top-level keys go before the first [module] section`},
 		{"no equals sign", "notify true\n", 1, `expected "key = value", "[module NAME]" or a comment, got "notify true"`},
@@ -181,6 +182,7 @@ func TestParseBad(t *testing.T) {
 		{"find results hex", "max-find-results = 0x10\n", 1, `bad value "0x10" for max-find-results`},
 		{"find results with a thousands separator", "max-find-results = 1_000\n", 1, `bad value "1_000" for max-find-results`},
 		{"idle-release yes", "idle-release = yes\n", 1, `bad value "yes" for idle-release (want true or false)`},
+		{"resume-login 1", "resume-login = 1\n", 1, `bad value "1" for resume-login (want true or false)`},
 		{"idle-release-grace over an hour", "[module a]\npath = /a.so\nidle-release-grace = 3601\n", 3, `idle-release-grace = 3601 is out of range (want seconds, from 0 to 3600)`},
 		{"idle-release-grace negative", "idle-release-grace = -1\n", 1, `bad value "-1" for idle-release-grace`},
 		{"token-wait 0", "token-wait = 0\n", 1, `token-wait = 0 is out of range (want seconds, more than 0 and at most 60)`},

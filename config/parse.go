@@ -19,7 +19,7 @@ var (
 	topKeys = []string{
 		"removal-action", "removal-scope", "removal-grace", "notify",
 		"max-sessions-per-token", "max-concurrent-calls", "max-find-results", "token-wait",
-		"idle-release", "idle-release-grace",
+		"idle-release", "idle-release-grace", "resume-login",
 	}
 	moduleKeys = []string{"path", "isolate", "idle-release", "idle-release-grace"}
 )
@@ -59,6 +59,9 @@ const (
 //	token-wait              seconds, digits with an optional decimal
 //	                        fraction (5, 0.5), more than 0 and at most 60
 //	                        (Limits.TokenWait)
+//	idle-release            true | false (IdleRelease.Enabled)
+//	idle-release-grace      seconds, 0 to 3600 (IdleRelease.Grace)
+//	resume-login            true | false (ResumeLogin)
 //
 // Keys not given keep their Default values.
 //
@@ -254,6 +257,12 @@ func (p *parser) setTopKey(key, value string) error {
 		p.cfg.Limits.TokenWait = d
 	case "idle-release", "idle-release-grace":
 		return p.setIdleRelease(&p.cfg.IdleRelease, key, value)
+	case "resume-login":
+		b, err := parseBool(key, value)
+		if err != nil {
+			return p.errorf(p.line, "%v", err)
+		}
+		p.cfg.ResumeLogin = b
 	}
 	return nil
 }

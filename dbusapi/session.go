@@ -130,8 +130,14 @@ func (so sessionObjects) SessionOpened(info broker.SessionInfo) {
 	so.s.logAdd(p, err)
 }
 
+// SessionChanged: a login or logout changed its State, or it resumed on a
+// new generation of the same card after an outage.
 func (so sessionObjects) SessionChanged(info broker.SessionInfo) {
-	so.s.objs.set(sessionPath(info.ID), SessionInterface, map[string]any{"State": uint32(info.State)})
+	so.s.objs.set(sessionPath(info.ID), SessionInterface, map[string]any{
+		"Token":      tokenPath(info.Generation),
+		"Generation": info.Generation,
+		"State":      uint32(info.State),
+	})
 }
 
 func (so sessionObjects) SessionClosed(info broker.SessionInfo, why string) {

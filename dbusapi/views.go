@@ -27,9 +27,12 @@ func (s *Service) exportSnapshot(snap *monitor.Snapshot) {
 func (s *Service) apply(ev monitor.Event) {
 	switch ev.Kind {
 	case monitor.TokenRemoved:
-		s.removeToken(ev.Token)
+		s.removeToken(ev.Token, ev.Outage)
 	case monitor.TokenInserted:
 		s.addToken(ev.Token)
+		s.br.TokenBack(ev.Token) // sessions suspended by an outage, if it resumes a generation
+	case monitor.TokenLost:
+		s.br.TokenLost(ev.Token.Generation)
 	case monitor.TokenChanged:
 		s.objs.set(tokenPath(ev.Token.Generation), TokenInterface, map[string]any{"Flags": uint32(ev.Token.Flags)})
 	case monitor.SlotAdded:
@@ -140,10 +143,16 @@ func (s *Service) addToken(t *monitor.Token) {
 }
 
 // removeToken takes a removed generation off the bus: its sessions first
-// (the broker forgets them and their owners see the objects go), then the
-// token; its path keeps answering TokenRemoved through the tombstone.
-func (s *Service) removeToken(t *monitor.Token) {
-	s.br.TokenGone(t.Generation)
+// (the broker forgets them and their owners see the objects go — or, for
+// a token lost to an outage, suspends them: they stay, and follow the same
+// card when it is back), then the token; its path keeps answering
+// TokenRemoved through the tombstone.
+func (s *Service) removeToken(t *monitor.Token, outage bool) {
+	if outage {
+		s.br.TokenAway(t.Generation)
+	} else {
+		s.br.TokenGone(t.Generation)
+	}
 	p := tokenPath(t.Generation)
 	s.objs.remove(p)
 	s.objs.set(slotPath(t.Slot), SlotInterface, map[string]any{"Token": noObject})

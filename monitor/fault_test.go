@@ -103,6 +103,12 @@ func TestFailingModuleIsReinitialized(t *testing.T) {
 	if back["f0010001"] <= first.Generation {
 		t.Fatalf("token after re-initialization has generation %d, want > %d", back["f0010001"], first.Generation)
 	}
+	if !removed.Outage {
+		t.Fatalf("%v: a failing module's token is not marked as lost to an outage", removed)
+	}
+	if tok, _ := mon.Snapshot().Token(back["f0010001"]); tok == nil || tok.Resumes != first.Generation {
+		t.Fatalf("the same token after re-initialization: %+v, want Resumes %d", tok, first.Generation)
+	}
 	deadline := time.Now().Add(5 * time.Second)
 	for mon.Snapshot().State != monitor.StateRunning {
 		if time.Now().After(deadline) {

@@ -86,11 +86,11 @@ func runServe(args []string) error {
 		return err
 	}
 	reportCritical(logger, mods, mon.Snapshot())
-	limits := broker.DefaultLimits()
+	limits, resumeLogin := broker.DefaultLimits(), config.Default().ResumeLogin
 	if cfg != nil {
-		limits = cfg.Limits
+		limits, resumeLogin = cfg.Limits, cfg.ResumeLogin
 	}
-	br := broker.New(mon, loaded.set, broker.Options{Limits: limits, Logger: logger})
+	br := broker.New(mon, loaded.set, broker.Options{Limits: limits, Logger: logger, ResumeLogin: resumeLogin})
 	var pol atomic.Pointer[policy.Policy] // set once the service is up; Reload reconfigures it
 	svc := dbusapi.New(conn, mon, br, dbusapi.Options{
 		Logger:         logger,
@@ -106,6 +106,7 @@ func runServe(args []string) error {
 			if p := pol.Load(); p != nil {
 				p.SetConfig(removalPolicy(cfg, gnome.mode, logger, nil))
 			}
+			br.SetResumeLogin(cfg == nil || cfg.ResumeLogin)
 			for _, w := range warnings {
 				logger.Warn(w)
 			}
