@@ -19,27 +19,7 @@ import (
 func (l *loop) readPCSC(now time.Time) bool {
 	states, err := l.reader.read()
 	if err != nil {
-		changed := l.pcscUp || l.pcscErr == nil || l.pcscErr.Error() != err.Error()
-		if l.pcscUp {
-			l.log.Warn("PC/SC unavailable", "err", err)
-		}
-		l.pcscUp, l.pcscErr = false, err
-		l.pcscRetryAt = now.Add(l.pcscRetry.Next())
-		// Every reader is gone with pcscd: when it is back, each reader is
-		// a new attachment whose event counter starts again.
-		for _, r := range l.readers {
-			if r.State != ReaderUnavailable {
-				changed = true
-			}
-		}
-		stale := map[string]*Reader{}
-		for n, r := range l.readers {
-			c := *r
-			c.State, c.Atr, c.EventCount, c.Attachment = ReaderUnavailable, nil, 0, 0
-			stale[n] = &c
-		}
-		l.readers = stale
-		return changed
+		return l.pcscDown(err, now)
 	}
 	if !l.pcscUp {
 		l.log.Info("PC/SC available", "readers", len(states))
@@ -77,6 +57,32 @@ func (l *loop) readPCSC(now time.Time) bool {
 		}
 	}
 	l.readers = readers
+	return changed
+}
+
+// pcscDown records that PC/SC cannot be read (err) and reports whether
+// that changed anything.
+func (l *loop) pcscDown(err error, now time.Time) bool {
+	changed := l.pcscUp || l.pcscErr == nil || l.pcscErr.Error() != err.Error()
+	if l.pcscUp {
+		l.log.Warn("PC/SC unavailable", "err", err)
+	}
+	l.pcscUp, l.pcscErr = false, err
+	l.pcscRetryAt = now.Add(l.pcscRetry.Next())
+	// Every reader is gone with pcscd: when it is back, each reader is
+	// a new attachment whose event counter starts again.
+	for _, r := range l.readers {
+		if r.State != ReaderUnavailable {
+			changed = true
+		}
+	}
+	stale := map[string]*Reader{}
+	for n, r := range l.readers {
+		c := *r
+		c.State, c.Atr, c.EventCount, c.Attachment = ReaderUnavailable, nil, 0, 0
+		stale[n] = &c
+	}
+	l.readers = stale
 	return changed
 }
 

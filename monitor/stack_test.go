@@ -471,6 +471,53 @@ func TestOutageEnds(t *testing.T) {
 	})
 }
 
+// TestPCSCDRestartUnseen: pcscd goes away and comes back, the same card in
+// its reader, while the loop is held, so the loop never reads PC/SC while
+// it is down. Its own PC/SC context, the old pcscd's, fails the first read:
+// the token is removed by an outage and the card back resumes it, as when
+// the outage is seen as it happens.
+func TestPCSCDRestartUnseen(t *testing.T) {
+	w := newWorld(t)
+	card := w.cards[0]
+	if err := card.Insert(); err != nil {
+		t.Fatal(err)
+	}
+	w.start(monitor.Config{})
+	first := w.expectTokenSoon()
+
+	release := w.mon.Hold()
+	if err := w.pcscd.Kill(); err != nil {
+		release()
+		t.Fatal(err)
+	}
+	card.Remove()
+	if err := w.pcscd.Restart(); err != nil {
+		release()
+		t.Fatal(err)
+	}
+	if err := card.Insert(); err != nil {
+		release()
+		t.Fatal(err)
+	}
+	deadline := time.Now().Add(10 * time.Second)
+	for !w.mon.PCSCRecoveredPending() {
+		if time.Now().After(deadline) {
+			release()
+			t.Fatal("the PC/SC watcher did not reconnect to the new pcscd")
+		}
+		time.Sleep(5 * time.Millisecond)
+	}
+	release()
+	ev := w.next(eventTimeout, tokenEvents...)
+	if ev.Kind != monitor.TokenRemoved || ev.Token.Generation != first.Generation || !ev.Outage {
+		t.Fatalf("got %v, want TokenRemoved of generation %d by an outage", ev, first.Generation)
+	}
+	again := w.expectToken(monitor.TokenInserted, eventTimeout)
+	if again.Resumes != first.Generation {
+		t.Fatalf("token after the unseen restart resumes %d, want %d", again.Resumes, first.Generation)
+	}
+}
+
 // expectOutage waits, after pcscd died, until the monitor is degraded and
 // the token of generation gen is removed — in either order: OpenSC may
 // drop the token a moment before PC/SC reports the failure. It returns the

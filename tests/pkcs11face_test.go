@@ -465,69 +465,13 @@ func TestPKCS11WaitForSlotEvent(t *testing.T) {
 // signs through slotwatch (ssh-keygen -Y sign through the agent).
 func TestPKCS11SSHAgent(t *testing.T) {
 	_, sock := p11Daemon(t)
-	dir, err := os.MkdirTemp(testDir, "ssh-")
-	if err != nil {
+	agent := startSSHAgent(t, sock, hsmPIN)
+	pub := agent.addPKCS11()
+	if !strings.HasPrefix(pub, "ecdsa-sha2-nistp256 ") {
+		t.Fatalf("ssh-add -L: %q, want the token's EC key", pub)
+	}
+	if err := agent.sign(pub, "signed by a token through slotwatch\n"); err != nil {
 		t.Fatal(err)
-	}
-	agentSock := filepath.Join(dir, "agent")
-	env := append(os.Environ(), stack.P11KitServerEnv(sock), "SSH_AUTH_SOCK="+agentSock)
-	agent := exec.Command("ssh-agent", "-D", "-a", agentSock)
-	agent.Env = env
-	agentOut := &lockedBuffer{}
-	agent.Stdout, agent.Stderr = agentOut, agentOut
-	if err := agent.Start(); err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { agent.Process.Signal(syscall.SIGTERM); agent.Wait() })
-	waitFor(t, "ssh-agent's socket", func() bool { _, err := os.Stat(agentSock); return err == nil })
-
-	// ssh-add asks for the PIN through SSH_ASKPASS.
-	askpass := filepath.Join(dir, "askpass")
-	if err := os.WriteFile(askpass, []byte("#!/bin/sh\necho "+hsmPIN+"\n"), 0o700); err != nil {
-		t.Fatal(err)
-	}
-	run := func(name string, args ...string) string {
-		t.Helper()
-		ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
-		defer cancel()
-		cmd := exec.CommandContext(ctx, name, args...)
-		cmd.Env = append(env, "SSH_ASKPASS="+askpass, "SSH_ASKPASS_REQUIRE=force", "DISPLAY=:0")
-		cmd.Stdin = nil
-		out, err := cmd.CombinedOutput()
-		if err != nil {
-			t.Fatalf("%s %v: %v\n%s\nssh-agent:\n%s", name, args, err, out, agentOut.String())
-		}
-		return string(out)
-	}
-	run("ssh-add", "-s", stack.P11KitClientModule)
-	keys := run("ssh-add", "-L")
-	if !strings.HasPrefix(keys, "ecdsa-sha2-nistp256 ") {
-		t.Fatalf("ssh-add -L: %q, want the token's EC key", keys)
-	}
-	pub := filepath.Join(dir, "key.pub")
-	data := filepath.Join(dir, "data")
-	if err := os.WriteFile(pub, []byte(strings.SplitN(keys, "\n", 2)[0]+"\n"), 0o600); err != nil {
-		t.Fatal(err)
-	}
-	if err := os.WriteFile(data, []byte("signed by a token through slotwatch\n"), 0o600); err != nil {
-		t.Fatal(err)
-	}
-	run("ssh-keygen", "-Y", "sign", "-f", pub, "-n", "file", data)
-	allowed := filepath.Join(dir, "allowed")
-	if err := os.WriteFile(allowed, []byte("signer "+strings.SplitN(keys, "\n", 2)[0]+"\n"), 0o600); err != nil {
-		t.Fatal(err)
-	}
-	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
-	defer cancel()
-	verify := exec.CommandContext(ctx, "ssh-keygen", "-Y", "verify", "-f", allowed, "-I", "signer", "-n", "file", "-s", data+".sig")
-	f, err := os.Open(data)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer f.Close()
-	verify.Stdin = f
-	if out, err := verify.CombinedOutput(); err != nil {
-		t.Fatalf("ssh-keygen -Y verify: %v\n%s", err, out)
 	}
 }
 
