@@ -307,6 +307,10 @@ func (b *Broker) Sign(c Caller, id uint64, keyID []byte, mechanism uint, data []
 		return nil, err
 	}
 	if len(keys) == 0 {
+		if h.tok.Flags&pkcs11.CKF_LOGIN_REQUIRED != 0 && b.loginOf(h.state) != c.ID {
+			// Its keys are private: not found is what "not logged in" looks like.
+			return nil, errorf(ErrNotLoggedIn, "no private key with id %x is visible: this token needs a login first", keyID)
+		}
 		return nil, errorf(ErrInvalidArgument, "no private key with id %x on this token (or not logged in)", keyID)
 	}
 	// Some modules accept C_SignInit with a mechanism of the wrong key type

@@ -148,7 +148,8 @@ func verifyECDSA(t *testing.T, pubFile, sigFile string, digest []byte) {
 // tests below start, loading p11-kit-client.so (P11_KIT_SERVER_ADDRESS in
 // its environment). It takes commands on stdin, one per line (p11Command:
 // open LABEL, wait, signloop LABEL PIN, tokeninfo LABEL, closeall LABEL,
-// login H PIN, state H, privkeys H, closeh H, slots), and answers each on
+// login H PIN, state H, privkeys H, keys H, signh H KEY, closeh H, slots),
+// and answers each on
 // stdout, errors as "error ..." lines; EOF ends it.
 func TestHelperPKCS11ClientProcess(t *testing.T) {
 	if os.Getenv("SLOTWATCH_HELPER_P11") == "" {
@@ -237,6 +238,25 @@ func p11Command(p *pkcs11.Ctx, cmd, arg string, in *bufio.Scanner) (string, erro
 		keys, _, err := p.FindObjects(h, 16)
 		p.FindObjectsFinal(h)
 		return fmt.Sprint("privkeys ", len(keys)), err
+	case "keys":
+		// keys H: the handles of the private keys session H finds.
+		if err := p.FindObjectsInit(h, []*pkcs11.Attribute{pkcs11.NewAttribute(pkcs11.CKA_CLASS, pkcs11.CKO_PRIVATE_KEY)}); err != nil {
+			return "", err
+		}
+		keys, _, err := p.FindObjects(h, 16)
+		p.FindObjectsFinal(h)
+		return fmt.Sprint("keys ", keys), err
+	case "signh":
+		// signh H KEY: signs loopDigest with key handle KEY on session H.
+		key, err := strconv.ParseUint(rest, 10, 64)
+		if err != nil {
+			return "", err
+		}
+		if err := p.SignInit(h, []*pkcs11.Mechanism{pkcs11.NewMechanism(pkcs11.CKM_ECDSA, nil)}, pkcs11.ObjectHandle(key)); err != nil {
+			return "", err
+		}
+		sig, err := p.Sign(h, loopDigest[:])
+		return fmt.Sprintf("sig %x", sig), err
 	case "closeh":
 		// closeh H: C_CloseSession on a handle the test names (another
 		// client's, in the attack tests).

@@ -99,8 +99,8 @@ var contract = []struct {
 	{
 		name: Prefix + ".Session",
 		properties: []string{
-			"Token o const",
-			"Generation t const",
+			"Token o true", // moves to the same card's new generation after an outage,
+			"Generation t true",
 			"Owner s const",
 			"OwnerPid u const",
 			"ReadWrite b const",
