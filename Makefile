@@ -8,7 +8,8 @@ BIN     := bin/slotwatch
 # What the build and the real-stack tests need on Debian 12.
 DEBS := pcscd libpcsclite-dev vsmartcard-vpcd vsmartcard-vpicc python3-virtualsmartcard \
         opensc-pkcs11 opensc softhsm2 p11-kit p11-kit-modules dbus gcc libc6-dev pkg-config \
-        systemd libxml2-utils libglib2.0-bin openssh-client gnutls-bin libnss3-tools gnupg scdaemon
+        systemd libxml2-utils libglib2.0-bin openssh-client gnutls-bin libnss3-tools gnupg scdaemon \
+        bubblewrap
 
 .PHONY: all deps build test demo bench stress fuzz clean install install-gnome uninstall-gnome
 
