@@ -382,8 +382,10 @@ func TestBadInput(t *testing.T) {
 		{"Sign with 1 MiB of data", owner, sess, sSign, []any{keyID, ckmECDSA, mib}, IA},
 		{"Sign with mechanism 0xFFFFFFFF", owner, sess, sSign, []any{keyID, uint32(0xFFFFFFFF), data}, want(errPfx + "NotSupported")},
 		{"Sign with mechanism 0 (a key generation mechanism)", owner, sess, sSign, []any{keyID, uint32(0), data}, want(errPfx + "NotSupported")},
-		{"Sign with a key id no key has", owner, sess, sSign, []any{[]byte{0xde, 0xad}, ckmECDSA, data}, IA},
-		{"Sign before login (key not visible)", owner, sess, sSign, []any{keyID, ckmECDSA, data}, IA},
+		// The token needs a login (CKF_LOGIN_REQUIRED) and its keys are
+		// private: before one, no key is visible, whatever the id.
+		{"Sign with a key id no key has, before login", owner, sess, sSign, []any{[]byte{0xde, 0xad}, ckmECDSA, data}, want(errPfx + "NotLoggedIn")},
+		{"Sign before login (key not visible)", owner, sess, sSign, []any{keyID, ckmECDSA, data}, want(errPfx + "NotLoggedIn")},
 		{"unknown Session method", owner, sess, sesIface + ".Export", nil, UM},
 		{"Set of read-only Session.Owner to another connection", owner, sess, pSet, []any{sesIface, "Owner", vr(otherName)}, IA},
 		{"Set of read-only Session.ReadWrite", owner, sess, pSet, []any{sesIface, "ReadWrite", vr(true)}, IA},
@@ -407,6 +409,7 @@ func TestBadInput(t *testing.T) {
 		{"Login with the right PIN", owner, sess, sLogin, []any{uint32(1), []byte(hsmPIN)}, success},
 		{"Login again", owner, sess, sLogin, []any{uint32(1), []byte(hsmPIN)}, want(errPfx + "AlreadyLoggedIn")},
 		{"Sign (the key is visible now)", owner, sess, sSign, []any{keyID, ckmECDSA, data}, success},
+		{"Sign with a key id no key has", owner, sess, sSign, []any{[]byte{0xde, 0xad}, ckmECDSA, data}, IA},
 		{"Sign with key id as a string", owner, sess, sSign, []any{string(keyID), ckmECDSA, data}, IA},
 		{"Sign with data as a string", owner, sess, sSign, []any{keyID, ckmECDSA, strings.Repeat("d", 32)}, IA},
 		{"Sign with mechanism as t", owner, sess, sSign, []any{keyID, uint64(ckmECDSA), data}, IA},
