@@ -7,6 +7,8 @@ import (
 	"time"
 
 	"github.com/miekg/pkcs11"
+
+	"github.com/slotwatch/slotwatch/internal/secret"
 )
 
 // outage makes faultmod fail its reads until the monitor gives it up and
@@ -155,3 +157,56 @@ func TestSuspendedSessions(t *testing.T) {
 }
 
 func itoa(n uint64) string { return strconv.FormatUint(n, 10) }
+
+// TestKeptPINsAreWiped: the PIN kept for a login is wiped when the login
+// ends — at Logout, when the owner's last session closes, and when the
+// token is removed — and none is kept with resume-login off.
+func TestKeptPINsAreWiped(t *testing.T) {
+	r := newRig(t, Limits{}, 7)
+	gen := r.gen(7)
+	alice := r.caller("alice")
+	kept := func() *secret.Secret {
+		r.b.mu.Lock()
+		defer r.b.mu.Unlock()
+		if ts := r.b.tokens[gen]; ts != nil {
+			return ts.pin
+		}
+		return nil
+	}
+	for _, end := range []string{"Logout", "last session closed", "resume-login off", "token removed"} {
+		t.Run(end, func(t *testing.T) {
+			r.b.SetResumeLogin(end != "resume-login off")
+			s := r.open(alice, gen, false)
+			if err := r.b.Login(alice, s.ID, pkcs11.CKU_USER, []byte(fmPIN)); err != nil {
+				t.Fatalf("Login: %v", err)
+			}
+			pin := kept()
+			if end == "resume-login off" {
+				if pin != nil {
+					t.Fatal("a PIN was kept with resume-login off")
+				}
+				r.b.CloseSession(alice, s.ID)
+				return
+			}
+			if pin == nil || pin.Wiped() {
+				t.Fatal("no PIN kept for the login")
+			}
+			switch end {
+			case "Logout":
+				if err := r.b.Logout(alice, s.ID); err != nil {
+					t.Fatal(err)
+				}
+				defer r.b.CloseSession(alice, s.ID)
+			case "last session closed":
+				if err := r.b.CloseSession(alice, s.ID); err != nil {
+					t.Fatal(err)
+				}
+			case "token removed":
+				r.b.TokenGone(gen) // last: the generation is dead for the broker
+			}
+			if !pin.Wiped() {
+				t.Fatal("the kept PIN was not wiped")
+			}
+		})
+	}
+}

@@ -28,6 +28,9 @@ import (
 // C_GetSlotList and C_OpenSession, then C_Finalize), round trips
 // (C_GetSlotList + C_GetTokenInfo) and signatures (C_SignInit + C_Sign,
 // ECDSA P-256, logged in) per second. Ratios are medians over the rounds.
+// A first session is also timed against an in-memory server (the floor:
+// what the client library and the protocol cost by themselves), so that
+// what each server adds to it can be compared.
 func BenchmarkPKCS11Face(b *testing.B) {
 	hsm := hsmStore(b)
 	for _, kv := range hsm.Env() {
