@@ -12,15 +12,20 @@ import (
 // names and keys of `slotwatch monitor --json` (client_monitor.go), and
 // names objects by the paths the daemon would give them, so one consumer
 // reads both. The in-process monitor tells a slot's change, which the
-// daemon's signals do not: slot_changed is watch's only.
+// daemon's signals do not, and that a token removed by an outage will not
+// come back: slot_changed and token_lost are watch's only.
 
-const evSlotChanged = "slot_changed"
+const (
+	evSlotChanged = "slot_changed"
+	evTokenLost   = "token_lost"
+)
 
 var watchEventNames = map[monitor.EventKind]string{
 	monitor.TokenInserted: evTokenInserted, monitor.TokenRemoved: evTokenRemoved, monitor.TokenChanged: evTokenChanged,
 	monitor.SlotAdded: evSlotAdded, monitor.SlotRemoved: evSlotRemoved, monitor.SlotChanged: evSlotChanged,
 	monitor.ReaderAdded: evReaderAdded, monitor.ReaderRemoved: evReaderRemoved, monitor.ReaderChanged: evReaderChanged,
 	monitor.ModuleChanged: evModuleChanged, monitor.ModuleRemoved: evModuleRemoved, monitor.StateChanged: evManagerState,
+	monitor.TokenLost: evTokenLost,
 }
 
 // watchEvent is an in-process event as `slotwatch monitor` reports it.

@@ -20,6 +20,32 @@ import (
 // pcscd, so the tests put it back right after the restart: to slotwatch,
 // the same card that stayed in its reader while pcscd restarted.
 
+// cardDaemon is a daemon on OpenSC with the PKCS#11 face, and a virtual
+// card in the first reader of its pcscd, its token on the bus.
+type cardDaemon struct {
+	pcscd *stack.PCSCD
+	card  *vcard.Card
+	conn  *godbus.Conn
+	sock  string
+	tok   godbus.ObjectPath
+	gen   uint64
+}
+
+func startCardDaemon(t *testing.T, prof vcard.Profile, extra ...string) *cardDaemon {
+	t.Helper()
+	c := &cardDaemon{pcscd: stack.StartPCSCDForTest(t, stack.PCSCDConfig{Socket: pcscSocket}), sock: p11Socket(t)}
+	bus := stack.StartDBusForTest(t, "")
+	startDaemon(t, bus, nil, append([]string{"--module", stack.OpenSCModule, "--pkcs11-socket", c.sock}, extra...)...)
+	c.card = vcard.New(c.pcscd.Addr(0), prof)
+	t.Cleanup(func() { c.card.Close() })
+	if err := c.card.Insert(); err != nil {
+		t.Fatal(err)
+	}
+	c.conn = dial(t, bus)
+	c.tok, c.gen = cardToken(t, c.conn, prof.Label, "")
+	return c
+}
+
 // restartPCSCDKeepingCard kills pcscd, waits until slotwatch has the
 // card's token off the bus, and brings pcscd and the card back.
 func restartPCSCDKeepingCard(t *testing.T, pcscd *stack.PCSCD, card *vcard.Card, conn *godbus.Conn, tok godbus.ObjectPath) {
@@ -82,18 +108,9 @@ func sessionsOn(t *testing.T, conn *godbus.Conn, tok godbus.ObjectPath, n int) [
 // object, owned by ssh-agent) moved to the card's new generation and was
 // logged in again by slotwatch.
 func TestSSHAgentSignsAcrossPcscdRestart(t *testing.T) {
-	pcscd := stack.StartPCSCDForTest(t, stack.PCSCDConfig{Socket: pcscSocket})
-	bus := stack.StartDBusForTest(t, "")
-	sock := p11Socket(t)
-	startDaemon(t, bus, nil, "--module", stack.OpenSCModule, "--pkcs11-socket", sock)
 	prof := vcard.Profile{Label: "SSH Card", Serial: "55a90001"}
-	card := vcard.New(pcscd.Addr(0), prof)
-	t.Cleanup(func() { card.Close() })
-	if err := card.Insert(); err != nil {
-		t.Fatal(err)
-	}
-	conn := dial(t, bus)
-	tok, _ := cardToken(t, conn, prof.Label, "")
+	c := startCardDaemon(t, prof)
+	pcscd, card, conn, sock, tok := c.pcscd, c.card, c.conn, c.sock, c.tok
 
 	agent := startSSHAgent(t, sock, vcard.ProfilePIN(prof))
 	pub := agent.addPKCS11()
@@ -128,21 +145,13 @@ func TestSSHAgentSignsAcrossPcscdRestart(t *testing.T) {
 func TestDBusSessionAcrossPcscdRestart(t *testing.T) {
 	for _, keep := range []bool{true, false} {
 		t.Run(map[bool]string{true: "PIN kept", false: "resume-login off"}[keep], func(t *testing.T) {
-			pcscd := stack.StartPCSCDForTest(t, stack.PCSCDConfig{Socket: pcscSocket})
-			bus := stack.StartDBusForTest(t, "")
 			conf := filepath.Join(t.TempDir(), "slotwatch.conf")
 			if err := os.WriteFile(conf, []byte(map[bool]string{true: "", false: "resume-login = false\n"}[keep]), 0o600); err != nil {
 				t.Fatal(err)
 			}
-			startDaemon(t, bus, nil, "--module", stack.OpenSCModule, "--config", conf)
 			prof := vcard.Profile{Label: "Resumed Card", Serial: "5e5e0001"}
-			card := vcard.New(pcscd.Addr(0), prof)
-			t.Cleanup(func() { card.Close() })
-			if err := card.Insert(); err != nil {
-				t.Fatal(err)
-			}
-			conn := dial(t, bus)
-			tok, gen := cardToken(t, conn, prof.Label, "")
+			c := startCardDaemon(t, prof, "--config", conf)
+			pcscd, card, conn, tok, gen := c.pcscd, c.card, c.conn, c.tok, c.gen
 			sess := openSession(t, conn, tok)
 			obj := conn.Object(busName, sess)
 			if err := obj.Call(sesIface+".Login", 0, uint32(1), []byte(vcard.ProfilePIN(prof))).Err; err != nil {
@@ -194,18 +203,9 @@ func TestDBusSessionAcrossPcscdRestart(t *testing.T) {
 // keeps working across a pcscd restart that kept the card: still logged
 // in, its private key found again and signing with it.
 func TestPKCS11SessionAcrossPcscdRestart(t *testing.T) {
-	pcscd := stack.StartPCSCDForTest(t, stack.PCSCDConfig{Socket: pcscSocket})
-	bus := stack.StartDBusForTest(t, "")
-	sock := p11Socket(t)
-	startDaemon(t, bus, nil, "--module", stack.OpenSCModule, "--pkcs11-socket", sock)
 	prof := vcard.Profile{Label: "Handle Card", Serial: "4a4d0001"}
-	card := vcard.New(pcscd.Addr(0), prof)
-	t.Cleanup(func() { card.Close() })
-	if err := card.Insert(); err != nil {
-		t.Fatal(err)
-	}
-	conn := dial(t, bus)
-	tok, _ := cardToken(t, conn, prof.Label, "")
+	c := startCardDaemon(t, prof)
+	pcscd, card, conn, sock, tok := c.pcscd, c.card, c.conn, c.sock, c.tok
 	client := startP11Client(t, sock)
 	var h string
 	waitFor(t, "a session on the card", func() bool {
