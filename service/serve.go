@@ -5,6 +5,7 @@ import (
 	"errors"
 	"flag"
 	"fmt"
+	swversion "github.com/slotwatch/slotwatch/version"
 	"log/slog"
 	"os"
 	"os/signal"
@@ -24,8 +25,8 @@ import (
 	"github.com/slotwatch/slotwatch/policy"
 )
 
-// version is set at build time (-ldflags "-X main.version=...").
-var version = "0.1.0-dev"
+// version is slotwatch's, from version/VERSION (the one place it is kept).
+var version = swversion.Version
 
 // shutdownBudget is how long SIGTERM may take, sessions and modules
 // included: systemd and the session manager wait for us.
