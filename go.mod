@@ -9,4 +9,10 @@ require (
 	github.com/miekg/pkcs11 v1.1.2
 )
 
-require golang.org/x/sys v0.27.0 // indirect
+require (
+	github.com/cpuguy83/go-md2man/v2 v2.0.6 // indirect
+	github.com/russross/blackfriday/v2 v2.1.0 // indirect
+	golang.org/x/sys v0.27.0 // indirect
+)
+
+tool github.com/cpuguy83/go-md2man/v2
