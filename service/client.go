@@ -16,6 +16,8 @@ import (
 	"strings"
 
 	godbus "github.com/godbus/dbus/v5"
+	"github.com/spf13/cobra"
+	"github.com/spf13/pflag"
 
 	"github.com/slotwatch/slotwatch/dbusapi"
 )
@@ -30,9 +32,8 @@ const (
 )
 
 // exitError is an error that carries the process's exit code. Its message
-// is complete: reportError prints it as it is, without a prefix. An empty
-// message means that everything was already said (flag's own usage
-// output).
+// is complete: writeError prints it as it is, without a prefix. An empty
+// message means that everything was already said.
 type exitError struct {
 	code int
 	msg  string
@@ -48,18 +49,14 @@ func (e *exitError) Error() string {
 
 func (e *exitError) Unwrap() error { return e.err }
 
-// reportError prints err for the user and returns the exit code main
-// should exit with. Errors other than exitError are printed as
-// "slotwatch COMMAND: error" and exit 1; -h/--help exits 0.
-func reportError(cmd string, err error) int {
-	return writeError(os.Stderr, cmd, err)
-}
-
+// writeError prints err for the user on w and returns the exit code main
+// should exit with (run in cli.go). Errors other than exitError are
+// printed as "slotwatch COMMAND: error" and exit 1; -h/--help exits 0.
 func writeError(w io.Writer, cmd string, err error) int {
 	if err == nil {
 		return exitOK
 	}
-	if errors.Is(err, flag.ErrHelp) {
+	if errors.Is(err, flag.ErrHelp) || errors.Is(err, pflag.ErrHelp) {
 		return exitOK
 	}
 	var ee *exitError
@@ -107,44 +104,31 @@ var clientDescriptions = map[string]string{
 	"init-token": "Initializes a token (C_InitToken) through the daemon. A D-Bus client of\n`slotwatch serve`.",
 }
 
-// newClientFlagSet makes a command's flag set with --address (and --json
-// if withJSON).
-func newClientFlagSet(cmd, synopsis string, cf *clientFlags, withJSON bool) *flag.FlagSet {
-	fs := flag.NewFlagSet(cmd, flag.ContinueOnError)
-	fs.SetOutput(os.Stderr)
-	fs.StringVar(&cf.address, "address", "", "D-Bus address of the bus the daemon is on (default: the session bus, DBUS_SESSION_BUS_ADDRESS)")
+// newClientCmd is the cobra.Command of a client command, named by the
+// first word of synopsis, with --address (and --json if withJSON) bound
+// to cf. A bad option or any positional argument is exit code 64 with a
+// pointer to -h; the caller sets RunE and adds its own flags.
+func newClientCmd(synopsis, short string, cf *clientFlags, withJSON bool) *cobra.Command {
+	name, _, _ := strings.Cut(synopsis, " ")
+	codes := "2 the daemon is not running, 64 bad arguments."
+	if name == "init-token" {
+		codes = "2 the daemon is not running, 3 sessions are open on the token (see --force),\n64 bad arguments."
+	}
+	cmd := &cobra.Command{
+		Use:                   synopsis,
+		Short:                 short,
+		Long:                  clientDescriptions[name] + "\n\nExit status: 0 success, 1 error (a D-Bus error is printed with its name),\n" + codes,
+		GroupID:               groupClients,
+		DisableFlagsInUseLine: true,
+		Args:                  noArgs(exitUsage),
+		ValidArgsFunction:     cobra.NoFileCompletions,
+	}
+	cmd.SetFlagErrorFunc(flagErrorFunc(exitUsage))
+	cmd.Flags().StringVar(&cf.address, "address", "", "connect to the daemon on the bus at `BUS`, a D-Bus address (default: the session bus, DBUS_SESSION_BUS_ADDRESS)")
 	if withJSON {
-		fs.BoolVar(&cf.json, "json", false, "print JSON (lower_snake_case keys) instead of text")
+		cmd.Flags().BoolVar(&cf.json, "json", false, "print JSON (lower_snake_case keys) instead of text")
 	}
-	fs.Usage = func() {
-		fmt.Fprintf(fs.Output(), "usage: slotwatch %s\n\n", synopsis)
-		if d := clientDescriptions[cmd]; d != "" {
-			fmt.Fprintf(fs.Output(), "%s\n\n", d)
-		}
-		fmt.Fprintf(fs.Output(), "options:\n")
-		fs.PrintDefaults()
-		extra := ""
-		if cmd == "init-token" {
-			extra = ", 3 sessions are open on the token (see --force)"
-		}
-		fmt.Fprintf(fs.Output(), "\nexit status: 0 success, 1 error (a D-Bus error is printed with its name), 2 the daemon is not running%s, 64 bad arguments\n", extra)
-	}
-	return fs
-}
-
-// parseFlags parses args; flag errors (already printed by flag with the
-// usage) become exit code 64, -h exits 0. Positional arguments are refused.
-func parseFlags(fs *flag.FlagSet, args []string) error {
-	if err := fs.Parse(args); err != nil {
-		if errors.Is(err, flag.ErrHelp) {
-			return err
-		}
-		return &exitError{code: exitUsage, err: err}
-	}
-	if fs.NArg() > 0 {
-		return usageError(fs.Name(), "unexpected argument %q", fs.Arg(0))
-	}
-	return nil
+	return cmd
 }
 
 // client is a connection to the bus the daemon is on.

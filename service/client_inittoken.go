@@ -12,6 +12,7 @@ import (
 	"syscall"
 
 	godbus "github.com/godbus/dbus/v5"
+	"github.com/spf13/cobra"
 
 	"github.com/slotwatch/slotwatch/dbusapi"
 )
@@ -33,23 +34,28 @@ type initTokenArgs struct {
 	soPINStdin           bool
 }
 
-func parseInitTokenArgs(args []string) (*initTokenArgs, error) {
+// newInitTokenCmd is `slotwatch init-token`; run is runInitToken (a
+// test's own in tests). The arguments are checked (check) before run is
+// called: a bad combination is exit code 64 like a bad option.
+func newInitTokenCmd(run func(*initTokenArgs) error) *cobra.Command {
 	a := &initTokenArgs{}
-	fs := newClientFlagSet("init-token", "init-token [--address BUS] --token PATH|--serial S|--label L --label-new NEWLABEL [--force] [--so-pin-file FILE | --so-pin-stdin]", &a.clientFlags, false)
-	fs.StringVar(&a.token, "token", "", "the token to initialize: its object path, or its generation")
-	fs.StringVar(&a.serial, "serial", "", "the token to initialize: its serial number")
-	fs.StringVar(&a.label, "label", "", "the token to initialize: its current label")
-	fs.StringVar(&a.labelNew, "label-new", "", "the token's new label (1 to 32 bytes)")
-	fs.BoolVar(&a.force, "force", false, "close every session open on the token first, whoever holds it (their owners lose them)")
-	fs.StringVar(&a.soPINFile, "so-pin-file", "", "read the security officer PIN from the first line of FILE")
-	fs.BoolVar(&a.soPINStdin, "so-pin-stdin", false, "read the security officer PIN from one line of standard input")
-	if err := parseFlags(fs, args); err != nil {
-		return nil, err
+	cmd := newClientCmd("init-token [--address BUS] --token PATH|--serial S|--label L --label-new NEWLABEL [--force] [--so-pin-file FILE | --so-pin-stdin]",
+		"initialize a token (C_InitToken) through the daemon", &a.clientFlags, false)
+	cmd.RunE = func(*cobra.Command, []string) error {
+		if err := a.check(); err != nil {
+			return err
+		}
+		return run(a)
 	}
-	if err := a.check(); err != nil {
-		return nil, err
-	}
-	return a, nil
+	f := cmd.Flags()
+	f.StringVar(&a.token, "token", "", "the token to initialize, `PATH`: its object path, or its generation")
+	f.StringVar(&a.serial, "serial", "", "the token to initialize: its serial number `S`")
+	f.StringVar(&a.label, "label", "", "the token to initialize: its current label `L`")
+	f.StringVar(&a.labelNew, "label-new", "", "the token's new label `NEWLABEL` (1 to 32 bytes)")
+	f.BoolVar(&a.force, "force", false, "close every session open on the token first, whoever holds it (their owners lose them)")
+	f.StringVar(&a.soPINFile, "so-pin-file", "", "read the security officer PIN from the first line of `FILE`")
+	f.BoolVar(&a.soPINStdin, "so-pin-stdin", false, "read the security officer PIN from one line of standard input")
+	return cmd
 }
 
 // check validates the arguments without the bus. The PIN is never an
@@ -223,14 +229,11 @@ func readPINStdin(prompt string) ([]byte, error) {
 	return readPINLine(os.Stdin)
 }
 
-func runInitToken(args []string) error {
+// runInitToken runs init-token with arguments that passed check.
+func runInitToken(a *initTokenArgs) error {
 	const cmd = "init-token"
 	// The SO PIN passes through this process too.
 	if err := hardenProcess(); err != nil {
-		return err
-	}
-	a, err := parseInitTokenArgs(args)
-	if err != nil {
 		return err
 	}
 	c, err := dialDaemon(cmd, a.address)

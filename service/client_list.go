@@ -13,6 +13,7 @@ import (
 	"text/tabwriter"
 
 	godbus "github.com/godbus/dbus/v5"
+	"github.com/spf13/cobra"
 
 	"github.com/slotwatch/slotwatch/dbusapi"
 )
@@ -385,28 +386,38 @@ func (e *errWriter) Write(p []byte) (int, error) {
 	return n, err
 }
 
-// fetchListing parses a listing command's flags and reads the daemon's
-// objects: what list and sessions share.
-func fetchListing(cmd, synopsis string, args []string) (*listing, clientFlags, string, error) {
-	var cf clientFlags
-	fs := newClientFlagSet(cmd, synopsis, &cf, true)
-	if err := parseFlags(fs, args); err != nil {
-		return nil, cf, "", err
-	}
+// fetchListing reads the daemon's objects: what list and sessions share.
+func fetchListing(cmd string, cf clientFlags) (*listing, string, error) {
 	c, err := dialDaemon(cmd, cf.address)
 	if err != nil {
-		return nil, cf, "", err
+		return nil, "", err
 	}
 	defer c.close()
 	objs, mgr, err := c.fetch()
 	if err != nil {
-		return nil, cf, "", err
+		return nil, "", err
 	}
-	return buildListing(objs, mgr, commandLine), cf, c.address, nil
+	return buildListing(objs, mgr, commandLine), c.address, nil
 }
 
-func runList(args []string) error {
-	l, cf, address, err := fetchListing("list", "list [--address BUS] [--json]", args)
+// newListCmd is `slotwatch list`; run is runList (a test's own in tests).
+func newListCmd(run func(clientFlags) error) *cobra.Command {
+	var cf clientFlags
+	cmd := newClientCmd("list [--address BUS] [--json]", "show the daemon's readers, slots, tokens and modules", &cf, true)
+	cmd.RunE = func(*cobra.Command, []string) error { return run(cf) }
+	return cmd
+}
+
+// newSessionsCmd is `slotwatch sessions`; run is runSessions.
+func newSessionsCmd(run func(clientFlags) error) *cobra.Command {
+	var cf clientFlags
+	cmd := newClientCmd("sessions [--address BUS] [--json]", "show who holds which PKCS#11 session", &cf, true)
+	cmd.RunE = func(*cobra.Command, []string) error { return run(cf) }
+	return cmd
+}
+
+func runList(cf clientFlags) error {
+	l, address, err := fetchListing("list", cf)
 	if err != nil {
 		return err
 	}
@@ -421,8 +432,8 @@ func runList(args []string) error {
 	return nil
 }
 
-func runSessions(args []string) error {
-	l, cf, _, err := fetchListing("sessions", "sessions [--address BUS] [--json]", args)
+func runSessions(cf clientFlags) error {
+	l, _, err := fetchListing("sessions", cf)
 	if err != nil {
 		return err
 	}

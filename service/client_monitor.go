@@ -14,6 +14,7 @@ import (
 	"time"
 
 	godbus "github.com/godbus/dbus/v5"
+	"github.com/spf13/cobra"
 
 	"github.com/slotwatch/slotwatch/dbusapi"
 )
@@ -467,12 +468,16 @@ func writeEvent(w io.Writer, e monitorEvent, asJSON bool) error {
 	return err
 }
 
-func runMonitor(args []string) error {
+// newMonitorCmd is `slotwatch monitor`; run is runMonitor (a test's own
+// in tests).
+func newMonitorCmd(run func(clientFlags) error) *cobra.Command {
 	var cf clientFlags
-	fs := newClientFlagSet("monitor", "monitor [--address BUS] [--json]", &cf, true)
-	if err := parseFlags(fs, args); err != nil {
-		return err
-	}
+	cmd := newClientCmd("monitor [--address BUS] [--json]", "print the daemon's events as they happen (a D-Bus client)", &cf, true)
+	cmd.RunE = func(*cobra.Command, []string) error { return run(cf) }
+	return cmd
+}
+
+func runMonitor(cf clientFlags) error {
 	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGINT, syscall.SIGTERM)
 	defer stop()
 	c, err := dialDaemon("monitor", cf.address)

@@ -284,9 +284,9 @@ func TestClientParseFlags(t *testing.T) {
 	} {
 		t.Run(strings.Join(tc.args, " "), func(t *testing.T) {
 			var cf clientFlags
-			fs := newClientFlagSet("list", "list", &cf, true)
-			fs.SetOutput(io.Discard)
-			err := parseFlags(fs, tc.args)
+			cmd := newListCmd(func(got clientFlags) error { cf = got; return nil })
+			cmd.SetOut(io.Discard)
+			_, err := execute(cmd, tc.args)
 			if code := writeError(io.Discard, "list", err); code != tc.code {
 				t.Fatalf("exit code %d (%v), want %d", code, err, tc.code)
 			}
@@ -320,7 +320,8 @@ func TestClientInitTokenArgs(t *testing.T) {
 		t.Run(tc.name, func(t *testing.T) {
 			stderr := os.Stderr
 			os.Stderr, _ = os.Open(os.DevNull) // flag's own messages
-			a, err := parseInitTokenArgs(tc.args)
+			var a *initTokenArgs
+			_, err := execute(newInitTokenCmd(func(got *initTokenArgs) error { a = got; return nil }), tc.args)
 			os.Stderr.Close()
 			os.Stderr = stderr
 			if tc.err == "" {

@@ -2,7 +2,6 @@ package main
 
 import (
 	"context"
-	"flag"
 	"log/slog"
 	"net"
 
@@ -67,17 +66,6 @@ func (f *pkcs11Face) stop() {
 	}
 	f.cancel()
 	<-f.done
-}
-
-// flagGiven tells whether flag name was set on the command line.
-func flagGiven(fs *flag.FlagSet, name string) bool {
-	given := false
-	fs.Visit(func(f *flag.Flag) {
-		if f.Name == name {
-			given = true
-		}
-	})
-	return given
 }
 
 // activatedSocket returns the PKCS#11 socket systemd passed (socket

@@ -3,7 +3,6 @@ package main
 import (
 	"context"
 	"errors"
-	"flag"
 	"fmt"
 	swversion "github.com/slotwatch/slotwatch/version"
 	"log/slog"
@@ -15,6 +14,7 @@ import (
 
 	"github.com/coreos/go-systemd/v22/daemon"
 	godbus "github.com/godbus/dbus/v5"
+	"github.com/spf13/cobra"
 
 	"github.com/slotwatch/slotwatch/broker"
 	"github.com/slotwatch/slotwatch/config"
@@ -32,22 +32,72 @@ var version = swversion.Version
 // included: systemd and the session manager wait for us.
 const shutdownBudget = 2 * time.Second
 
-func runServe(args []string) error {
-	fs := flag.NewFlagSet("serve", flag.ContinueOnError)
-	address := fs.String("address", "", "D-Bus address to serve on (default: the session bus, DBUS_SESSION_BUS_ADDRESS)")
-	var modules stringList
-	fs.Var(&modules, "module", "watch exactly this PKCS#11 module (repeatable; no config file, no p11-kit registry)")
-	configPath := fs.String("config", "", "config file (default $XDG_CONFIG_HOME/slotwatch/slotwatch.conf, then /etc/slotwatch/slotwatch.conf)")
-	var gnome gnomeFlag
-	fs.Var(&gnome, "gnome-compat", "also serve org.gnome.SettingsDaemon.Smartcard, as gnome-settings-daemon's smartcard service does; =replace takes the name over from its owner where allowed")
-	logCalls := fs.Bool("log-calls", false, "log every PKCS#11 call (PINs and secrets redacted)")
-	logLevel := fs.String("log-level", "info", "debug, info, warn or error")
-	noPCSC := fs.Bool("no-pcsc", false, "do not watch PC/SC readers")
-	isolateFlag := fs.Bool("isolate", false, "run the --module modules in helper processes (p11-kit remote), as isolate = true does in the config")
-	pkcs11Socket := fs.String("pkcs11-socket", pkcs11face.DefaultSocket(), "serve the PKCS#11 face (p11-kit's RPC protocol, for p11-kit-client.so) on this unix socket; empty: off")
-	if err := fs.Parse(args); err != nil {
-		return err
+// serveOptions is serve's command line (newServeCmd).
+type serveOptions struct {
+	address           string
+	modules           []string
+	config            string
+	gnome             gnomeFlag
+	logCalls          bool
+	logLevel          string
+	noPCSC            bool
+	isolate           bool
+	pkcs11Socket      string
+	pkcs11SocketGiven bool // --pkcs11-socket was on the command line: failing to listen on it is an error
+}
+
+// newServeCmd is `slotwatch serve`; run is runServe (a test's own in
+// tests). A bad command line is exit code 1, as it was with Go's flag
+// package: units and scripts know that code.
+func newServeCmd(run func(*serveOptions) error) *cobra.Command {
+	o := &serveOptions{}
+	cmd := &cobra.Command{
+		Use:   "serve [--address BUS] [--module PATH]... [--config FILE] [OPTIONS]",
+		Short: "the daemon: serve the view and PKCS#11 sessions on D-Bus",
+		Long: `The daemon. It watches the PC/SC readers and the PKCS#11 modules of --module,
+or else of the config file and the p11-kit registry; owns
+io.github.slotwatch.Slotwatch1 on the session bus (or --address), and serves
+there what it sees and PKCS#11 sessions under its rules; PKCS#11 programs
+reach the same sessions through p11-kit-client.so on --pkcs11-socket. systemd starts it as slotwatch.service (Type=notify,
+with a watchdog); SIGTERM stops it; the D-Bus Manager's Reload method
+re-reads the config file.
+
+Exit status: 0 stopped by SIGTERM or SIGINT, 1 an error (a bad command line
+too; the message says which).`,
+		GroupID:               groupDaemon,
+		DisableFlagsInUseLine: true,
+		// Positional arguments were ignored with Go's flag package, and
+		// so was every option after one; now they are an error.
+		Args:              noArgs(exitFailure),
+		ValidArgsFunction: cobra.NoFileCompletions,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			o.pkcs11SocketGiven = cmd.Flags().Changed("pkcs11-socket")
+			return run(o)
+		},
 	}
+	cmd.SetFlagErrorFunc(flagErrorFunc(exitFailure))
+	f := cmd.Flags()
+	f.StringVar(&o.address, "address", "", "serve on the D-Bus bus at `BUS`, a D-Bus address (default: the session bus, DBUS_SESSION_BUS_ADDRESS)")
+	f.StringArrayVar(&o.modules, "module", nil, "watch exactly the PKCS#11 module `PATH` (repeatable; no config file, no p11-kit registry)")
+	f.StringVar(&o.config, "config", "", "read the config `FILE` (default $XDG_CONFIG_HOME/slotwatch/slotwatch.conf, then /etc/slotwatch/slotwatch.conf)")
+	f.Var(&o.gnome, "gnome-compat", "also serve org.gnome.SettingsDaemon.Smartcard, as gnome-settings-daemon's smartcard service does, waiting in the name's queue while gsd-smartcard owns it; --gnome-compat=replace takes the name over from its owner where allowed")
+	// Bare --gnome-compat is on; a value needs "=" (--gnome-compat=replace).
+	f.Lookup("gnome-compat").NoOptDefVal = "true"
+	f.BoolVar(&o.logCalls, "log-calls", false, "log every PKCS#11 call (PINs and secrets redacted)")
+	f.StringVar(&o.logLevel, "log-level", "info", "log at `LEVEL`: debug, info, warn or error")
+	f.BoolVar(&o.noPCSC, "no-pcsc", false, "do not watch PC/SC readers")
+	f.BoolVar(&o.isolate, "isolate", false, "run the --module modules in helper processes (p11-kit remote), as isolate = true does in the config")
+	// The default depends on XDG_RUNTIME_DIR; --pkcs11-socket= (empty)
+	// turns the face off.
+	f.StringVar(&o.pkcs11Socket, "pkcs11-socket", pkcs11face.DefaultSocket(), "serve the PKCS#11 face (p11-kit's RPC protocol, for p11-kit-client.so) on the unix socket `PATH`; empty: off")
+	return cmd
+}
+
+func runServe(o *serveOptions) error {
+	// The names the daemon's wiring below has always read (they were the
+	// flag package's pointers).
+	address, modules, configPath, gnome := &o.address, o.modules, &o.config, o.gnome
+	logCalls, logLevel, noPCSC, isolateFlag, pkcs11Socket := &o.logCalls, &o.logLevel, &o.noPCSC, &o.isolate, &o.pkcs11Socket
 	// Before any module is loaded: PINs pass through this process.
 	if err := hardenProcess(); err != nil {
 		return err
@@ -141,7 +191,7 @@ func runServe(args []string) error {
 	})
 	// The PKCS#11 face, before READY=1: a client started after it finds
 	// the socket.
-	p11 := startPKCS11Face(*pkcs11Socket, flagGiven(fs, "pkcs11-socket"), br, mon, logger)
+	p11 := startPKCS11Face(*pkcs11Socket, o.pkcs11SocketGiven, br, mon, logger)
 	daemon.SdNotify(false, daemon.SdNotifyReady)
 	logger.Info("serving", "name", dbusapi.BusName, "state", mon.Snapshot().State.String())
 
@@ -254,6 +304,11 @@ func newLogger(level string, logCalls bool) (*slog.Logger, error) {
 type gnomeFlag struct{ mode dbusapi.GnomeMode }
 
 func (f *gnomeFlag) IsBoolFlag() bool { return true }
+
+// Type is pflag's: "bool", as IsBoolFlag was the flag package's, so that
+// --help shows a switch (--gnome-compat) and no value name; =replace is
+// in its usage text.
+func (f *gnomeFlag) Type() string { return "bool" }
 
 func (f *gnomeFlag) String() string {
 	switch f.mode {

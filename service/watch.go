@@ -3,16 +3,16 @@ package main
 import (
 	"context"
 	"errors"
-	"flag"
 	"fmt"
 	"io"
 	"log/slog"
 	"os"
 	"os/signal"
 	"path/filepath"
-	"strings"
 	"syscall"
 	"time"
+
+	"github.com/spf13/cobra"
 
 	"github.com/slotwatch/slotwatch/config"
 	"github.com/slotwatch/slotwatch/internal/p11kitpath"
@@ -25,36 +25,56 @@ import (
 // of this machine's architecture.
 var defaultModule = filepath.Join(p11kitpath.ModuleDir(), "opensc-pkcs11.so")
 
-// stringList is a repeatable flag.
-type stringList []string
+// watchOptions is watch's command line (newWatchCmd).
+type watchOptions struct {
+	modules  []string
+	noPCSC   bool
+	json     bool
+	verbose  bool
+	logCalls bool
+}
 
-func (s *stringList) String() string     { return strings.Join(*s, ",") }
-func (s *stringList) Set(v string) error { *s = append(*s, v); return nil }
+// newWatchCmd is `slotwatch watch`; run is runWatch (a test's own in
+// tests). A bad command line is exit code 1, as it was with Go's flag
+// package.
+func newWatchCmd(run func(*watchOptions) error) *cobra.Command {
+	o := &watchOptions{}
+	cmd := &cobra.Command{
+		Use:   "watch [--module PATH]... [--no-pcsc] [--json] [-v] [--log-calls]",
+		Short: "run a monitor in this process (no daemon) and print every change",
+		Long: `Runs the monitor in this process, in the foreground, and prints every change with
+its generation. It loads the modules itself, as any PKCS#11 program does, and
+needs no daemon. "slotwatch monitor" is the D-Bus client of a running daemon
+instead; both print the same JSON.
 
-func runWatch(args []string) error {
-	fs := flag.NewFlagSet("watch", flag.ContinueOnError)
-	var modules stringList
-	fs.Var(&modules, "module", "PKCS#11 module to watch (repeatable; default "+defaultModule+")")
-	noPCSC := fs.Bool("no-pcsc", false, "do not watch PC/SC readers")
-	asJSON := fs.Bool("json", false, "print one JSON object per line")
-	verbose := fs.Bool("v", false, "log the monitor's decisions to stderr")
-	logCalls := fs.Bool("log-calls", false, "log every PKCS#11 call to stderr (secrets redacted)")
-	fs.Usage = func() {
-		fmt.Fprintf(fs.Output(), "usage: slotwatch watch [--module PATH]... [--no-pcsc] [--json] [-v] [--log-calls]\n\n"+
-			"Runs the monitor in this process, in the foreground, and prints every change with\n"+
-			"its generation. It loads the modules itself, as any PKCS#11 program does, and\n"+
-			"needs no daemon. `slotwatch monitor` is the D-Bus client of a running daemon\n"+
-			"instead; both print the same JSON.\n\noptions:\n")
-		fs.PrintDefaults()
+Exit status: 0 stopped by SIGINT or SIGTERM, 1 an error (a bad command line
+too).`,
+		GroupID:               groupDaemon,
+		DisableFlagsInUseLine: true,
+		// Positional arguments were ignored with Go's flag package (and
+		// every option after one); now they are an error.
+		Args:              noArgs(exitFailure),
+		ValidArgsFunction: cobra.NoFileCompletions,
+		RunE:              func(*cobra.Command, []string) error { return run(o) },
 	}
-	if err := fs.Parse(args); err != nil {
-		return err
-	}
+	cmd.SetFlagErrorFunc(flagErrorFunc(exitFailure))
+	f := cmd.Flags()
+	f.StringArrayVar(&o.modules, "module", nil, "watch the PKCS#11 module `PATH` (repeatable; default "+defaultModule+")")
+	f.BoolVar(&o.noPCSC, "no-pcsc", false, "do not watch PC/SC readers")
+	f.BoolVar(&o.json, "json", false, "print one JSON object per line")
+	// Go's flag package called it -v; -v it stays.
+	f.BoolVarP(&o.verbose, "verbose", "v", false, "log the monitor's decisions to stderr")
+	f.BoolVar(&o.logCalls, "log-calls", false, "log every PKCS#11 call to stderr (secrets redacted)")
+	return cmd
+}
+
+func runWatch(o *watchOptions) error {
+	modules := o.modules
 	if len(modules) == 0 {
-		modules = stringList{defaultModule}
+		modules = []string{defaultModule}
 	}
 	level := slog.LevelWarn
-	if *verbose || *logCalls {
+	if o.verbose || o.logCalls {
 		level = slog.LevelDebug
 	}
 	logger := slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: level}))
@@ -62,12 +82,12 @@ func runWatch(args []string) error {
 	var mods []monitor.Module
 	for _, path := range modules {
 		opts := module.Options{Name: config.FlagModuleName(path)}
-		if *logCalls {
+		if o.logCalls {
 			opts.CallLog = logger
 		}
 		mods = append(mods, module.Open(path, opts))
 	}
-	mon, err := monitor.New(monitor.Config{Modules: mods, PCSC: !*noPCSC, Logger: logger})
+	mon, err := monitor.New(monitor.Config{Modules: mods, PCSC: !o.noPCSC, Logger: logger})
 	if err != nil {
 		return err
 	}
@@ -77,7 +97,7 @@ func runWatch(args []string) error {
 	defer stop()
 	snap, sub := mon.Subscribe()
 	defer sub.Close()
-	printSnapshot(os.Stdout, snap, *asJSON)
+	printSnapshot(os.Stdout, snap, o.json)
 	for {
 		ev, err := sub.Next(ctx)
 		if errors.Is(err, context.Canceled) || errors.Is(err, monitor.ErrClosed) {
@@ -86,7 +106,7 @@ func runWatch(args []string) error {
 		if err != nil {
 			return err
 		}
-		printEvent(os.Stdout, ev, *asJSON)
+		printEvent(os.Stdout, ev, o.json)
 	}
 }
 
