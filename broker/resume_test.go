@@ -210,3 +210,54 @@ func TestKeptPINsAreWiped(t *testing.T) {
 		})
 	}
 }
+
+// TestSuspendedSessionFloodStallsNobodyElse: a client that floods calls on
+// its suspended session has at most its own call slots waiting (the rest
+// answer Busy at once), and another client's calls on another token go on
+// meanwhile.
+func TestSuspendedSessionFloodStallsNobodyElse(t *testing.T) {
+	r := newRig(t, Limits{TokenWait: time.Second, ConcurrentCalls: 4}, 2, 3)
+	genA, genB := r.gen(2), r.gen(3)
+	mallory, alice := r.caller("mallory"), r.caller("alice")
+	m := r.open(mallory, genA, false)
+	a := r.open(alice, genB, false)
+	r.b.TokenAway(genA)
+
+	const flood = 40
+	type answer struct {
+		err  error
+		took time.Duration
+	}
+	answers := make(chan answer, flood)
+	for range flood {
+		go func() {
+			began := time.Now()
+			_, err := r.b.FindObjects(mallory, m.ID, Template{})
+			answers <- answer{err, time.Since(began)}
+		}()
+	}
+	// Meanwhile alice's calls on her token are served at once.
+	for i := range 20 {
+		began := time.Now()
+		if _, err := r.b.FindObjects(alice, a.ID, Template{}); err != nil {
+			t.Fatalf("alice's call %d during the flood: %v", i, err)
+		}
+		if took := time.Since(began); took > 500*time.Millisecond {
+			t.Fatalf("alice's call %d took %v during mallory's flood", i, took)
+		}
+	}
+	quick := 0
+	for range flood {
+		ans := <-answers
+		if !errors.Is(ans.err, ErrBusy) {
+			t.Fatalf("a flooded call on a suspended session: %v, want ErrBusy", ans.err)
+		}
+		if ans.took < 900*time.Millisecond {
+			quick++ // refused at once: past mallory's call slots
+		}
+	}
+	if quick < flood-4 {
+		t.Fatalf("%d of %d flooded calls were refused at once, want at least %d (4 call slots)", quick, flood, flood-4)
+	}
+	r.b.TokenLost(genA)
+}
