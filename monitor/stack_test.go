@@ -366,11 +366,7 @@ func rapidReplug(t *testing.T, cfg monitor.Config, cycles int) {
 func TestPCSCDRestart(t *testing.T) {
 	w := newWorld(t)
 	card := w.cards[0]
-	if err := card.Insert(); err != nil {
-		t.Fatal(err)
-	}
-	w.start(monitor.Config{})
-	first := w.expectTokenSoon()
+	first := w.startWithCardIn(card, monitor.Config{})
 
 	if err := w.pcscd.Kill(); err != nil {
 		t.Fatal(err)
@@ -409,11 +405,7 @@ func TestOutageEnds(t *testing.T) {
 		w := newWorld(t)
 		card := w.cards[0]
 		card.SetProfile(vcard.Profile{Label: "Alice", Serial: "a11ce0"})
-		if err := card.Insert(); err != nil {
-			t.Fatal(err)
-		}
-		w.start(monitor.Config{})
-		first := w.expectTokenSoon()
+		first := w.startWithCardIn(card, monitor.Config{})
 		if err := w.pcscd.Kill(); err != nil {
 			t.Fatal(err)
 		}
@@ -445,11 +437,7 @@ func TestOutageEnds(t *testing.T) {
 	t.Run("window", func(t *testing.T) {
 		w := newWorld(t)
 		card := w.cards[0]
-		if err := card.Insert(); err != nil {
-			t.Fatal(err)
-		}
-		w.start(monitor.Config{ResumeWindow: 300 * time.Millisecond})
-		first := w.expectTokenSoon()
+		first := w.startWithCardIn(card, monitor.Config{ResumeWindow: 300 * time.Millisecond})
 		if err := w.pcscd.Kill(); err != nil {
 			t.Fatal(err)
 		}
@@ -479,11 +467,7 @@ func TestOutageEnds(t *testing.T) {
 func TestPCSCDRestartUnseen(t *testing.T) {
 	w := newWorld(t)
 	card := w.cards[0]
-	if err := card.Insert(); err != nil {
-		t.Fatal(err)
-	}
-	w.start(monitor.Config{})
-	first := w.expectTokenSoon()
+	first := w.startWithCardIn(card, monitor.Config{})
 
 	release := w.mon.Hold()
 	if err := w.pcscd.Kill(); err != nil {
@@ -542,6 +526,18 @@ func (w *world) expectOutage(gen uint64) string {
 		}
 	}
 	return reason
+}
+
+// startWithCardIn inserts card before the monitor starts (its token is in
+// the first snapshot), starts it with cfg and returns the
+// card's token.
+func (w *world) startWithCardIn(card *vcard.Card, cfg monitor.Config) *monitor.Token {
+	w.t.Helper()
+	if err := card.Insert(); err != nil {
+		w.t.Fatal(err)
+	}
+	w.start(cfg)
+	return w.expectTokenSoon()
 }
 
 // expectTokenSoon returns the token already in the first snapshot, or waits

@@ -696,14 +696,7 @@ func TestPKCS11StrangersSessions(t *testing.T) {
 	if ans := stranger.do(t, "closeh "+h); !strings.Contains(ans, "CKR_SESSION_HANDLE_INVALID") {
 		t.Fatalf("a stranger closing the owner's session %s: %q, want CKR_SESSION_HANDLE_INVALID", h, ans)
 	}
-	conn := dial(t, bus)
-	n := 0
-	for _, ifs := range managedObjects(t, conn) {
-		if _, ok := ifs[sesIface]; ok {
-			n++
-		}
-	}
-	if n != 1 {
+	if n := len(sessionObjects(t, dial(t, bus), "")); n != 1 {
 		t.Fatalf("%d sessions on the bus after the stranger's attempt, want the owner's 1", n)
 	}
 	if ans := owner.do(t, "closeh "+h); ans != "closed" {
@@ -849,14 +842,7 @@ func TestPKCS11ConnectionsAreIndependent(t *testing.T) {
 	if ans := b.do(t, "state "+hb); !strings.Contains(ans, "CKR_SESSION_HANDLE_INVALID") {
 		t.Fatalf("b's own session after its C_CloseAllSessions: %q, want closed", ans)
 	}
-	conn := dial(t, bus)
-	n := 0
-	for _, ifs := range managedObjects(t, conn) {
-		if _, ok := ifs[sesIface]; ok {
-			n++
-		}
-	}
-	if n != 1 {
+	if n := len(sessionObjects(t, dial(t, bus), "")); n != 1 {
 		t.Fatalf("%d sessions on the bus, want a's 1", n)
 	}
 }

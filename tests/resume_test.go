@@ -90,15 +90,23 @@ func sessionsOn(t *testing.T, conn *godbus.Conn, tok godbus.ObjectPath, n int) [
 	t.Helper()
 	var on []godbus.ObjectPath
 	waitFor(t, "sessions resumed on "+string(tok), func() bool {
-		on = on[:0]
-		for path, ifs := range managedObjects(t, conn) {
-			if props, ok := ifs[sesIface]; ok && props["Token"].Value() == tok {
-				on = append(on, path)
-			}
-		}
+		on = sessionObjects(t, conn, tok)
 		return len(on) == n
 	})
 	return on
+}
+
+// sessionObjects returns the Session objects on the bus, those on token
+// tok only unless tok is "".
+func sessionObjects(t *testing.T, conn *godbus.Conn, tok godbus.ObjectPath) []godbus.ObjectPath {
+	t.Helper()
+	var out []godbus.ObjectPath
+	for path, ifs := range managedObjects(t, conn) {
+		if props, ok := ifs[sesIface]; ok && (tok == "" || props["Token"].Value() == tok) {
+			out = append(out, path)
+		}
+	}
+	return out
 }
 
 // TestSSHAgentSignsAcrossPcscdRestart is the seed story through the
